@@ -1,0 +1,62 @@
+"""The Celery application. Configured lazily from the settings on first use, never at import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from beat_schedule import build_schedule
+from textnlp_jobs.constants import GENERATE_TASK, MAINTENANCE_QUEUE, RECONCILE_TASK
+from textnlp_jobs.settings import Settings, get_settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting the system relies on, in one place."""
+    if settings.embedded:
+        settings.broker_folder().mkdir(parents=True, exist_ok=True)
+    return {
+        "broker_url": settings.broker_url_value(),
+        "broker_transport_options": settings.broker_transport_options(),
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # a Redis restart is waited out, not fatal
+        "result_backend": settings.result_backend.get_secret_value() if settings.result_backend else None,
+        "task_ignore_result": True,  # results live in the ledger
+        # JSON only: a pickled message is refused before anything runs.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A message is acked only after its job's row is written; a lost worker's jobs come back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_routes": {RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE}},
+        "task_default_queue": MAINTENANCE_QUEUE,
+        "task_create_missing_queues": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "beat_schedule": build_schedule(settings.reconcile_interval_seconds),
+        "timezone": "UTC",
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app. With ``settings`` it is configured now (producers, tests); without, from
+    ``get_settings()`` when first used (the worker and beat processes)."""
+    celery = Celery("textnlp_jobs", include=["textnlp_jobs.tasks.generation", "textnlp_jobs.tasks.maintenance"])
+    if settings is not None:
+        celery.conf.update(celery_config(settings))
+    else:
+        celery.on_configure.connect(_configure_from_environment, weak=False)
+    return celery
+
+
+def _configure_from_environment(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+app = create_app()
+
+__all__ = ["GENERATE_TASK", "app", "celery_config", "create_app"]

@@ -1,0 +1,242 @@
+"""The producer API: submit generation jobs and read their results from the ledger.
+
+    from textnlp_jobs import client
+    job = client.submit("Once upon a time", model="demo", max_new_tokens=32)
+    job = client.wait(job.id, timeout=60)
+    print(job.status, job.text)
+
+Every job is a row before it is a message: ``submit`` validates, inserts, commits, then publishes.
+If publishing fails the row stays ``queued`` and the reconciler publishes it later.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, overload
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from textnlp_jobs.celery_app import create_app
+from textnlp_jobs.db import repository as repo
+from textnlp_jobs.db.repository import Job
+from textnlp_jobs.db.session import session_factory
+from textnlp_jobs.errors import InputError, JobNotFoundError, TextNLPError
+from textnlp_jobs.inference import store
+from textnlp_jobs.metrics import registry as metrics
+from textnlp_jobs.publish import publish_and_mark
+from textnlp_jobs.settings import Settings, get_settings
+from textnlp_jobs.validation import validate_job
+
+__all__ = ["Client", "Job", "JobWaitTimeout", "cancel", "get", "list_jobs", "submit", "submit_many", "wait"]
+
+INSERT_BATCH = 1000
+_MODEL_CACHE_SECONDS = 30.0
+
+
+class JobWaitTimeout(TextNLPError):
+    """``wait`` ran out of time before every job finished."""
+
+    code = "jobs.wait_timeout"
+
+
+def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
+    try:
+        return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
+    except ValueError:
+        raise InputError("id", f"{job_id!r} is not a job id", code="input.job_id_invalid") from None
+
+
+class Client:
+    """A producer bound to one ledger and one broker (from ``settings``)."""
+
+    def __init__(self, settings: Settings | None = None, *, celery: Celery | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.celery = celery or create_app(self.settings)
+        self.sessions: sessionmaker[Session] = session_factory(self.settings)
+        self._lock = threading.Lock()
+        self._models: tuple[float, dict[str, store.ResolvedModel]] = (0.0, {})
+        self._tokenizers: dict[str, Any] = {}
+
+    # --- submitting ----------------------------------------------------------------------
+    def submit(self, prompt: str | bytes, *, model: str, max_new_tokens: int | None = None,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               idempotency_key: str | None = None, priority: int = 0, deadline: datetime | None = None,
+               device: str | None = None, max_attempts: int | None = None) -> Job:
+        """Queue one generation job; an idempotency key already used returns that job instead."""
+        spec: dict[str, Any] = {
+            "prompt": prompt, "model": model, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "seed": seed, "idempotency_key": idempotency_key, "priority": priority, "deadline": deadline,
+            "device": device,
+        }
+        if max_new_tokens is not None:
+            spec["max_new_tokens"] = max_new_tokens
+        if max_attempts is not None:
+            spec["max_attempts"] = max_attempts
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Iterable[dict[str, Any]],
+                    progress: Callable[[int], None] | None = None) -> builtins.list[Job]:
+        """Queue many jobs: all are validated first (one bad job rejects the call and writes
+        nothing), then inserted and published in batches."""
+        specs = list(specs)
+        validated = []
+        for index, spec in enumerate(specs):
+            try:
+                validated.append(validate_job(spec, self.settings, self._known_models(), self._count_tokens))
+            except InputError as error:
+                if len(specs) > 1:
+                    error.args = (f"job {index}: {error.args[0]}",)
+                raise
+        jobs: builtins.list[Job] = []
+        for start in range(0, len(validated), INSERT_BATCH):
+            chunk = validated[start:start + INSERT_BATCH]
+            with self.sessions() as session:
+                records = repo.insert_jobs_once(session, chunk)
+            fresh_ids = {job.id for job in chunk}
+            to_publish = [repo.Routing(r.id, r.model, r.device, r.priority) for r in records
+                          if r.id in fresh_ids]
+            publish_and_mark(self.celery, self.settings, self.sessions, to_publish)
+            for record in to_publish:
+                metrics.JOBS_SUBMITTED.labels(record.model).inc()
+            jobs.extend(records)
+            if progress:
+                progress(len(chunk))
+        return jobs
+
+    # --- reading -------------------------------------------------------------------------
+    def get(self, job_id: uuid.UUID | str) -> Job:
+        with self.sessions() as session:
+            job = repo.get_job(session, _as_uuid(job_id))
+        if job is None:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        return job
+
+    def get_many(self, ids: Sequence[uuid.UUID | str]) -> builtins.list[Job]:
+        wanted = [_as_uuid(i) for i in ids]
+        with self.sessions() as session:
+            found = {job.id: job for job in repo.get_jobs(session, wanted)}
+        missing = [str(i) for i in wanted if i not in found]
+        if missing:
+            raise JobNotFoundError(f"no job with id {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return [found[i] for i in wanted]
+
+    @overload
+    def wait(self, ids: uuid.UUID | str, timeout: float = ..., *, poll: float = ...,
+             progress: Callable[[int], None] | None = ...) -> Job: ...
+    @overload
+    def wait(self, ids: Sequence[uuid.UUID | str], timeout: float = ..., *, poll: float = ...,
+             progress: Callable[[int], None] | None = ...) -> builtins.list[Job]: ...
+
+    def wait(self, ids: Any, timeout: float = 60.0, *, poll: float = 0.05,
+             progress: Callable[[int], None] | None = None) -> Job | builtins.list[Job]:
+        """Block until the job (or every job) is final; raise ``JobWaitTimeout`` past ``timeout``.
+        ``progress`` is called with the number of jobs that finished since its last call."""
+        single = isinstance(ids, uuid.UUID | str)
+        wanted = [_as_uuid(i) for i in ([ids] if single else ids)]
+        finished: dict[uuid.UUID, Job] = {}
+        give_up = time.monotonic() + timeout
+        delay = poll
+        while True:
+            pending = [i for i in wanted if i not in finished]
+            newly = [job for job in self.get_many(pending) if job.done]
+            for job in newly:
+                finished[job.id] = job
+            if progress and newly:
+                progress(len(newly))
+            if len(finished) == len(wanted):
+                break
+            if time.monotonic() >= give_up:
+                raise JobWaitTimeout(f"{len(wanted) - len(finished)} of {len(wanted)} jobs not finished "
+                                     f"after {timeout:.0f}s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        results = [finished[i] for i in wanted]
+        return results[0] if single else results
+
+    def cancel(self, job_id: uuid.UUID | str) -> Job:
+        """Cancel a job that has not finished; a finished job is returned unchanged."""
+        with self.sessions.begin() as session:
+            status = repo.cancel(session, _as_uuid(job_id))
+        if status is None:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        return self.get(job_id)
+
+    def list(self, *, status: str | None = None, model: str | None = None, limit: int = 50) -> builtins.list[Job]:
+        with self.sessions() as session:
+            return repo.list_jobs(session, status=status, model=model, limit=limit)
+
+    # --- model knowledge for validation ---------------------------------------------------
+    def _resolved_models(self) -> dict[str, store.ResolvedModel]:
+        with self._lock:
+            loaded_at, models = self._models
+            if time.monotonic() - loaded_at < _MODEL_CACHE_SECONDS and models:
+                return models
+            with self.sessions() as session:
+                models = {name: store.resolve(session, name) for name in store.known_models(session)}
+            self._models = (time.monotonic(), models)
+            return models
+
+    def _known_models(self) -> list[str]:
+        return list(self._resolved_models())
+
+    def _count_tokens(self, model: str, prompt: str) -> int | None:
+        """Tokens in ``prompt`` by the model's own tokenizer, when this producer can read the
+        model store; otherwise None and the worker enforces the token limit."""
+        resolved = self._resolved_models().get(model)
+        if resolved is None:
+            return None
+        key = f"{model}@{resolved.version}"
+        with self._lock:
+            tokenizer = self._tokenizers.get(key)
+            if tokenizer is None:
+                path = Path(resolved.path) / "tokenizer.json"
+                if not path.is_file():
+                    return None
+                from tokenizers import Tokenizer
+
+                tokenizer = self._tokenizers[key] = Tokenizer.from_file(str(path))
+        return len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process's client for the configured settings."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default
+
+
+def submit(prompt: str | bytes, **kwargs: Any) -> Job:
+    return default_client().submit(prompt, **kwargs)
+
+
+def submit_many(specs: Iterable[dict[str, Any]]) -> list[Job]:
+    return default_client().submit_many(specs)
+
+
+def get(job_id: uuid.UUID | str) -> Job:
+    return default_client().get(job_id)
+
+
+def wait(ids: Any, timeout: float = 60.0) -> Any:
+    return default_client().wait(ids, timeout)
+
+
+def cancel(job_id: uuid.UUID | str) -> Job:
+    return default_client().cancel(job_id)
+
+
+def list_jobs(**kwargs: Any) -> list[Job]:
+    return default_client().list(**kwargs)

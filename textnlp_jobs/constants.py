@@ -1,0 +1,39 @@
+"""Names shared by producers, workers and operators: queues, task names, key prefixes."""
+
+from __future__ import annotations
+
+from typing import Final
+
+GENERATION_QUEUE_PREFIX: Final = "textnlp.gen."
+DEVICE_QUEUE_PREFIX: Final = "textnlp.gpu."
+QUALITY_QUEUE: Final = "textnlp.quality"
+MAINTENANCE_QUEUE: Final = "textnlp.maintenance"
+
+GENERATE_TASK: Final = "textnlp.generate"
+RECONCILE_TASK: Final = "jobs.reconcile"
+
+METRIC_PREFIX: Final = "textnlp_"
+REDIS_KEY_PREFIX: Final = "textnlp:"
+# kombu's Redis transport keeps delivered-but-unacked messages under these keys.
+KOMBU_UNACKED_KEY: Final = "unacked"
+KOMBU_UNACKED_INDEX_KEY: Final = "unacked_index"
+KOMBU_PRIORITY_SEPARATOR: Final = "\x06\x16"
+
+DEMO_MODEL: Final = "demo"
+SMALL_MODEL: Final = "small"
+
+
+def generation_queue(model: str) -> str:
+    """The queue every device hosting ``model`` consumes (competing consumers)."""
+    return f"{GENERATION_QUEUE_PREFIX}{model}"
+
+
+def device_queue(node: str, device: str) -> str:
+    """The queue only one device consumes: pinned jobs land here.
+
+    ``device`` is a normalised device id (``cuda.0``, ``cpu.1``); a CUDA device is named by its
+    index alone (``textnlp.gpu.host.0``) as the design's queue table shows.
+    """
+    kind, _, index = device.partition(".")
+    suffix = index if kind == "cuda" else f"{kind}{index}"
+    return f"{DEVICE_QUEUE_PREFIX}{node}.{suffix}"

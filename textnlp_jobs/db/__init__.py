@@ -1,0 +1,1 @@
+"""The ledger: tables, sessions, migrations and the queries the system runs."""

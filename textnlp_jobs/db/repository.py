@@ -1,0 +1,475 @@
+"""Every ledger query the job system runs. Knows nothing of Celery.
+
+Exactly-once results rest on two conditional UPDATEs: a claim moves a row ``queued -> running`` and
+bumps ``attempts``; a result is written only ``WHERE status = 'running' AND attempts = <claimed
+attempt>``. A second delivery of the same message, or a worker whose lease was taken away, finds
+no row to update and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from textnlp_jobs.db.models import AuditLog, Generation, JobStatus, Prompt, utcnow
+
+RESULT_WRITTEN = "generation.result_written"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated job, ready to insert."""
+
+    prompt: str
+    model: str
+    max_new_tokens: int
+    params: dict[str, Any]
+    priority: int = 0
+    max_attempts: int = 3
+    idempotency_key: str | None = None
+    deadline: datetime | None = None
+    device: str | None = None
+    prompt_tokens: int | None = None
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as the ledger holds it (what producers read)."""
+
+    id: uuid.UUID
+    status: str
+    model: str
+    model_version: str | None
+    params: dict[str, Any]
+    max_new_tokens: int
+    priority: int
+    device: str | None
+    idempotency_key: str | None
+    attempts: int
+    max_attempts: int
+    deadline: datetime | None
+    text: str | None
+    prompt_tokens: int | None
+    tokens_generated: int | None
+    mean_logprob: float | None
+    batch_size: int | None
+    queue_wait_seconds: float | None
+    inference_seconds: float | None
+    error_code: str | None
+    error_message: str | None
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def done(self) -> bool:
+        """True once the job reached a final status (succeeded, failed, cancelled, expired, dead)."""
+        return JobStatus(self.status).is_final
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run a job it has claimed."""
+
+    id: uuid.UUID
+    attempt: int
+    prompt: str
+    model: str
+    params: dict[str, Any]
+    max_new_tokens: int
+    deadline: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    """The claim either hands over the job or says why there is nothing to run."""
+
+    job: ClaimedJob | None
+    reason: str  # "claimed", "not_queued", "expired", "dead", "missing"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Enough of a row to publish its message again."""
+
+    id: uuid.UUID
+    model: str
+    device: str | None
+    priority: int
+
+
+def _record_columns() -> list[Any]:
+    g = Generation
+    return [
+        g.id, g.status, g.model, g.model_version, g.params, g.max_new_tokens, g.priority, g.device,
+        g.idempotency_key, g.attempts, g.max_attempts, g.deadline, g.result_text, g.prompt_tokens,
+        g.tokens_generated, g.mean_logprob, g.batch_size, g.queue_wait_seconds, g.inference_seconds,
+        g.error_code, g.error_message, g.worker, g.created_at, g.started_at, g.finished_at,
+    ]
+
+
+def _to_record(row: Any) -> Job:
+    return Job(*row)
+
+
+# --- producers ------------------------------------------------------------------------------
+
+def existing_by_idempotency_key(session: Session, keys: Iterable[str]) -> dict[str, Job]:
+    keys = list(keys)
+    if not keys:
+        return {}
+    rows = session.execute(select(*_record_columns()).where(Generation.idempotency_key.in_(keys))).all()
+    return {record.idempotency_key: record for record in map(_to_record, rows) if record.idempotency_key}
+
+
+def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
+    """Insert new jobs in one round of batched INSERTs; an idempotency key already known returns
+    the job it names instead of creating another. Returns one record per input, in order."""
+    existing = existing_by_idempotency_key(session, (j.idempotency_key for j in jobs if j.idempotency_key))
+    now = utcnow()
+    fresh: list[NewJob] = []
+    seen_keys: dict[str, NewJob] = {}
+    for job in jobs:
+        if job.idempotency_key and (job.idempotency_key in existing or job.idempotency_key in seen_keys):
+            continue
+        if job.idempotency_key:
+            seen_keys[job.idempotency_key] = job
+        fresh.append(job)
+    if fresh:
+        prompt_rows = []
+        generation_rows = []
+        for job in fresh:
+            prompt_id = uuid.uuid4()
+            encoded = job.prompt.encode("utf-8")
+            prompt_rows.append({
+                "id": prompt_id, "text": job.prompt, "sha256": hashlib.sha256(encoded).hexdigest(),
+                "byte_length": len(encoded), "token_count": job.prompt_tokens, "created_at": now,
+            })
+            generation_rows.append({
+                "id": job.id, "prompt_id": prompt_id, "model": job.model, "params": job.params,
+                "max_new_tokens": job.max_new_tokens, "status": JobStatus.QUEUED.value,
+                "priority": job.priority, "device": job.device, "idempotency_key": job.idempotency_key,
+                "attempts": 0, "max_attempts": job.max_attempts, "deadline": job.deadline,
+                "prompt_tokens": job.prompt_tokens, "archived": False, "created_at": now, "updated_at": now,
+            })
+        session.execute(insert(Prompt), prompt_rows)
+        session.execute(insert(Generation), generation_rows)
+    by_id = {r.id: r for r in get_jobs(session, [j.id for j in fresh])}
+    out: list[Job] = []
+    for job in jobs:
+        if job.idempotency_key and job.idempotency_key in existing:
+            out.append(existing[job.idempotency_key])
+        elif job.idempotency_key and seen_keys[job.idempotency_key] is not job:
+            out.append(by_id[seen_keys[job.idempotency_key].id])
+        else:
+            out.append(by_id[job.id])
+    return out
+
+
+def insert_jobs_once(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
+    """``insert_jobs`` in its own transaction, retried once when a concurrent producer inserted
+    the same idempotency key between our lookup and our INSERT."""
+    try:
+        with session.begin():
+            return insert_jobs(session, jobs)
+    except IntegrityError:
+        with session.begin():
+            return insert_jobs(session, jobs)
+
+
+def mark_published(session: Session, ids: Sequence[uuid.UUID], at: datetime | None = None) -> None:
+    if ids:
+        session.execute(
+            update(Generation).where(Generation.id.in_(ids)).values(published_at=at or utcnow()),
+            execution_options={"synchronize_session": False},
+        )
+
+
+def get_jobs(session: Session, ids: Sequence[uuid.UUID]) -> list[Job]:
+    if not ids:
+        return []
+    records: list[Job] = []
+    for start in range(0, len(ids), 1000):  # keep IN lists bounded
+        chunk = ids[start:start + 1000]
+        rows = session.execute(select(*_record_columns()).where(Generation.id.in_(chunk))).all()
+        records.extend(map(_to_record, rows))
+    return records
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    row = session.execute(select(*_record_columns()).where(Generation.id == job_id)).first()
+    return _to_record(row) if row else None
+
+
+def list_jobs(
+    session: Session, *, status: str | None = None, model: str | None = None, limit: int = 50
+) -> list[Job]:
+    query = select(*_record_columns()).order_by(Generation.created_at.desc()).limit(limit)
+    if status:
+        query = query.where(Generation.status == status)
+    if model:
+        query = query.where(Generation.model == model)
+    return [_to_record(row) for row in session.execute(query).all()]
+
+
+def count_by_status(session: Session, ids: Sequence[uuid.UUID] | None = None) -> dict[str, int]:
+    query = select(Generation.status, func.count()).group_by(Generation.status)
+    if ids is not None:
+        query = query.where(Generation.id.in_(ids))
+    return {status: count for status, count in session.execute(query).all()}
+
+
+def cancel(session: Session, job_id: uuid.UUID, actor: str = "client") -> str | None:
+    """Cancel a job that has not finished. Returns its status afterwards (None if unknown)."""
+    now = utcnow()
+    updated = session.execute(
+        update(Generation)
+        .where(Generation.id == job_id, Generation.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now,
+                error_code="job.cancelled", error_message="cancelled by request")
+    )
+    if updated.rowcount:  # type: ignore[attr-defined]
+        _audit(session, actor, "generation.cancelled", job_id, {})
+        return JobStatus.CANCELLED.value
+    status = session.execute(select(Generation.status).where(Generation.id == job_id)).scalar()
+    return status
+
+
+# --- workers --------------------------------------------------------------------------------
+
+def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: float) -> ClaimOutcome:
+    """Take a queued job for one attempt: ``queued -> running``, ``attempts + 1``, a lease."""
+    now = utcnow()
+    g = Generation
+    claimed = session.execute(
+        update(g)
+        .where(
+            g.id == job_id, g.status == JobStatus.QUEUED.value, g.attempts < g.max_attempts,
+            or_(g.deadline.is_(None), g.deadline > now),
+        )
+        .values(status=JobStatus.RUNNING.value, attempts=g.attempts + 1, worker=worker,
+                lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now, updated_at=now)
+        .returning(g.attempts)
+    ).first()
+    if claimed is not None:
+        row = session.execute(
+            select(g.id, g.attempts, Prompt.text, g.model, g.params, g.max_new_tokens, g.deadline, g.created_at)
+            .join(Prompt, Prompt.id == g.prompt_id)
+            .where(g.id == job_id)
+        ).one()
+        return ClaimOutcome(ClaimedJob(*row), "claimed")
+    row = session.execute(select(g.status, g.attempts, g.max_attempts, g.deadline).where(g.id == job_id)).first()
+    if row is None:
+        return ClaimOutcome(None, "missing")
+    if row.status != JobStatus.QUEUED.value:
+        return ClaimOutcome(None, "not_queued")
+    if row.deadline is not None and row.deadline <= now:
+        _finish_unclaimed(session, job_id, JobStatus.EXPIRED, "job.expired", "deadline passed before the job ran")
+        return ClaimOutcome(None, "expired")
+    _finish_unclaimed(session, job_id, JobStatus.DEAD, "job.max_attempts", f"gave up after {row.attempts} attempts")
+    return ClaimOutcome(None, "dead")
+
+
+def _finish_unclaimed(session: Session, job_id: uuid.UUID, status: JobStatus, code: str, message: str) -> None:
+    now = utcnow()
+    session.execute(
+        update(Generation)
+        .where(Generation.id == job_id, Generation.status == JobStatus.QUEUED.value)
+        .values(status=status.value, error_code=code, error_message=message, finished_at=now, updated_at=now)
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished attempt produced."""
+
+    text: str
+    tokens_generated: int
+    mean_logprob: float | None
+    model_version: str | None
+    batch_size: int
+    queue_wait_seconds: float
+    inference_seconds: float
+
+
+def _owned_by(job_id: uuid.UUID, attempt: int) -> Any:
+    return and_(Generation.id == job_id, Generation.status == JobStatus.RUNNING.value,
+                Generation.attempts == attempt)
+
+
+def write_success(session: Session, job_id: uuid.UUID, attempt: int, outcome: Outcome, worker: str) -> bool:
+    """Write the result of ``attempt`` unless another attempt owns the row. True when written."""
+    now = utcnow()
+    written = session.execute(
+        update(Generation)
+        .where(_owned_by(job_id, attempt))
+        .values(status=JobStatus.SUCCEEDED.value, result_text=outcome.text,
+                tokens_generated=outcome.tokens_generated, mean_logprob=outcome.mean_logprob,
+                model_version=outcome.model_version, batch_size=outcome.batch_size,
+                queue_wait_seconds=outcome.queue_wait_seconds, inference_seconds=outcome.inference_seconds,
+                error_code=None, error_message=None, lease_expires_at=None, finished_at=now, updated_at=now)
+    ).rowcount  # type: ignore[attr-defined]
+    if written:
+        _audit(session, worker, RESULT_WRITTEN, job_id, {"attempt": attempt, "tokens": outcome.tokens_generated})
+    return bool(written)
+
+
+def write_failure(
+    session: Session, job_id: uuid.UUID, attempt: int, code: str, message: str, worker: str, *, retry: bool
+) -> str | None:
+    """Record a failed attempt: back to ``queued`` when it may be retried and attempts remain,
+    else ``failed``. Returns the new status, or None when the row was not ours."""
+    now = utcnow()
+    g = Generation
+    row = session.execute(select(g.attempts, g.max_attempts).where(_owned_by(job_id, attempt))).first()
+    if row is None:
+        return None
+    again = retry and row.attempts < row.max_attempts
+    status = JobStatus.QUEUED if again else JobStatus.FAILED
+    values: dict[str, Any] = {
+        "status": status.value, "error_code": code, "error_message": message[:2000],
+        "lease_expires_at": None, "updated_at": now,
+    }
+    if again:
+        values["published_at"] = None  # the reconciler republishes it after its grace period
+    else:
+        values["finished_at"] = now
+    session.execute(update(g).where(_owned_by(job_id, attempt)).values(**values))
+    _audit(session, worker, "generation.attempt_failed", job_id, {"attempt": attempt, "code": code})
+    return status.value
+
+
+def release(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
+    """Give a claimed job back to the queue without counting the attempt (clean shutdown)."""
+    g = Generation
+    return bool(session.execute(
+        update(g).where(_owned_by(job_id, attempt))
+        .values(status=JobStatus.QUEUED.value, attempts=g.attempts - 1, lease_expires_at=None, updated_at=utcnow())
+    ).rowcount)  # type: ignore[attr-defined]
+
+
+def cancelled_or_overdue(session: Session, claims: Sequence[tuple[uuid.UUID, int]]) -> set[uuid.UUID]:
+    """Of these claimed attempts, the ones no longer worth generating (cancelled, re-leased,
+    or past their deadline). One query for a whole batch."""
+    if not claims:
+        return set()
+    now = utcnow()
+    attempts = dict(claims)
+    rows = session.execute(
+        select(Generation.id, Generation.status, Generation.attempts, Generation.deadline)
+        .where(Generation.id.in_(list(attempts)))
+    ).all()
+    live = {
+        row.id for row in rows
+        if row.status == JobStatus.RUNNING.value and row.attempts == attempts[row.id]
+        and (row.deadline is None or row.deadline > now)
+    }
+    return set(attempts) - live
+
+
+def _audit(session: Session, actor: str, action: str, job_id: uuid.UUID, details: dict[str, Any]) -> None:
+    session.execute(insert(AuditLog).values(
+        at=utcnow(), actor=actor[:255], action=action, entity_type="generation",
+        entity_id=str(job_id), details=details,
+    ))
+
+
+def expire_claimed(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
+    """A claimed job whose deadline passed while it waited for a batch: ``expired``, not run."""
+    now = utcnow()
+    return bool(session.execute(
+        update(Generation).where(_owned_by(job_id, attempt), Generation.deadline <= now)
+        .values(status=JobStatus.EXPIRED.value, error_code="job.expired", lease_expires_at=None,
+                error_message="deadline passed while waiting for a batch", finished_at=now, updated_at=now)
+    ).rowcount)  # type: ignore[attr-defined]
+
+
+# --- the reconciler ---------------------------------------------------------------------------
+
+def _routing(rows: Iterable[Any]) -> list[Routing]:
+    return [Routing(row.id, row.model, row.device, row.priority) for row in rows]
+
+
+def expire_overdue(session: Session, limit: int) -> int:
+    """Queued jobs past their deadline become ``expired``."""
+    now = utcnow()
+    g = Generation
+    ids = session.execute(
+        select(g.id).where(g.status == JobStatus.QUEUED.value, g.deadline <= now).limit(limit)
+    ).scalars().all()
+    if not ids:
+        return 0
+    return int(session.execute(
+        update(g).where(g.id.in_(ids), g.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.EXPIRED.value, error_code="job.expired",
+                error_message="deadline passed before the job ran", finished_at=now, updated_at=now),
+        execution_options={"synchronize_session": False},
+    ).rowcount)  # type: ignore[attr-defined]
+
+
+def bury_exhausted(session: Session, limit: int) -> int:
+    """Jobs that used up their attempts without a result (queued, or running past the lease)
+    become ``dead``: poison jobs stop circulating."""
+    now = utcnow()
+    g = Generation
+    ids = session.execute(
+        select(g.id).where(
+            g.attempts >= g.max_attempts,
+            or_(g.status == JobStatus.QUEUED.value,
+                and_(g.status == JobStatus.RUNNING.value, g.lease_expires_at <= now)),
+        ).limit(limit)
+    ).scalars().all()
+    if not ids:
+        return 0
+    return int(session.execute(
+        update(g).where(g.id.in_(ids), g.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+        .values(status=JobStatus.DEAD.value, error_code="job.max_attempts", lease_expires_at=None,
+                error_message="no result after the maximum number of attempts", finished_at=now, updated_at=now),
+        execution_options={"synchronize_session": False},
+    ).rowcount)  # type: ignore[attr-defined]
+
+
+def rescue_expired_leases(session: Session, limit: int) -> list[Routing]:
+    """Running jobs whose lease ran out (their worker died or hung) go back to ``queued``.
+    The caller publishes them again: the old message may be gone with the worker."""
+    now = utcnow()
+    g = Generation
+    rows = session.execute(
+        select(g.id, g.model, g.device, g.priority).where(
+            g.status == JobStatus.RUNNING.value, g.lease_expires_at <= now, g.attempts < g.max_attempts,
+        ).limit(limit)
+    ).all()
+    if not rows:
+        return []
+    session.execute(
+        update(g).where(g.id.in_([r.id for r in rows]), g.status == JobStatus.RUNNING.value,
+                        g.lease_expires_at <= now)
+        .values(status=JobStatus.QUEUED.value, lease_expires_at=None, worker=None, updated_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    return _routing(rows)
+
+
+def unpublished_candidates(session: Session, grace_seconds: float, limit: int) -> list[Routing]:
+    """Queued jobs whose last publish (or creation) is older than the grace period: their message
+    should have been consumed by now, so the caller checks whether it still exists."""
+    cutoff = utcnow() - timedelta(seconds=grace_seconds)
+    g = Generation
+    rows = session.execute(
+        select(g.id, g.model, g.device, g.priority)
+        .where(g.status == JobStatus.QUEUED.value, func.coalesce(g.published_at, g.created_at) <= cutoff)
+        .order_by(g.priority.desc(), g.created_at)
+        .limit(limit)
+    ).all()
+    return _routing(rows)

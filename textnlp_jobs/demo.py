@@ -1,0 +1,76 @@
+"""``textnlp-jobs demo``: the whole system on one machine, from nothing, in one command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from rich.console import Console
+
+from textnlp_jobs.settings import Settings
+
+DEMO_PROMPTS = [
+    "Return a new list",
+    "This module provides",
+    "The default value is",
+    "Raise an exception if",
+    "Create a new thread",
+    "Read the file and",
+    "The number of seconds",
+    "If the timeout is",
+]
+
+
+def _wait_for_worker(settings: Settings, hostname: str, timeout: float) -> bool:
+    from textnlp_jobs.celery_app import create_app
+
+    celery = create_app(settings)
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if celery.control.ping(destination=[hostname], timeout=1.0):
+            return True
+    return False
+
+
+def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: float, console: Console) -> None:
+    from textnlp_jobs.cli import _job_table, _progress, bootstrap_model, ensure_ledger, stop_processes
+    from textnlp_jobs.client import Client
+    from textnlp_jobs.db.session import session_factory
+    from textnlp_jobs.inference import store
+    from workers.device import worker_hostname
+
+    mode = "embedded (SQLite + folder broker)" if settings.embedded else "Redis + PostgreSQL"
+    console.print(f"[bold]textnlp-jobs demo[/bold] — {mode}, home {settings.home}")
+    ensure_ledger(settings)
+    with session_factory(settings)() as session:
+        have_demo = "demo" in store.known_models(session)
+    if not have_demo:
+        version, _ = bootstrap_model(settings, "demo")
+        console.print(f"built the demo model (version {version})")
+    started = [
+        subprocess.Popen([sys.executable, "-m", "workers.device", "--device", "cpu.0", "--models", "demo",
+                          "--loglevel", "WARNING"]),
+        subprocess.Popen([sys.executable, "-m", "workers.maintenance", "--loglevel", "WARNING"]),
+        subprocess.Popen([sys.executable, "-m", "celery", "-A", "textnlp_jobs.celery_app:app", "beat",
+                          "--loglevel=WARNING", f"--schedule={settings.home / 'beat-schedule'}"]),
+    ]
+    try:
+        console.print("started a device worker (cpu.0), the maintenance worker and beat")
+        if not _wait_for_worker(settings, worker_hostname(settings, "cpu.0"), timeout=120):
+            console.print("[yellow]the device worker did not answer a ping yet; submitting anyway[/yellow]")
+        client = Client(settings)
+        prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(jobs)]
+        with _progress() as bar:
+            task = bar.add_task("submitted", total=jobs)
+            submitted = client.submit_many([{"prompt": p, "model": "demo", "max_new_tokens": max_new_tokens}
+                                            for p in prompts], progress=lambda n: bar.advance(task, n))
+            task = bar.add_task("finished", total=jobs)
+            done = client.wait([j.id for j in submitted], timeout, progress=lambda n: bar.advance(task, n))
+        table = _job_table(done, text_width=50)
+        console.print(table)
+        ok = sum(j.status == "succeeded" for j in done)
+        console.print(f"{ok}/{len(done)} succeeded")
+    finally:
+        stop_processes(started)
+        console.print("stopped everything the demo started")

@@ -1,0 +1,1 @@
+"""Models and generation: the store, the engines, and the per-device batching loop."""

@@ -1,0 +1,243 @@
+"""Engines turn a batch of tokenized prompts into generations. Knows nothing of Celery or the ledger.
+
+``TransformersEngine`` runs one batched ``generate`` with left padding and an attention mask.
+Every row chooses its own next token inside a logits processor: greedy rows take the argmax,
+sampled rows draw with their own seeded generator, and a row that reached its own
+``max_new_tokens`` is forced to EOS. So a seeded job yields the same text alone or in any batch,
+and rows with different limits share one ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from textnlp_jobs.errors import OutOfMemoryError, TokenizationError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Settings that must match for two jobs to share a batch (the seed is per row)."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+
+    @property
+    def tokens_generated(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_logprob(self) -> float | None:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
+
+
+class Engine(Protocol):
+    """One loaded model on one device."""
+
+    model_name: str
+    model_version: str
+    device: str
+
+    def tokenize(self, prompt: str) -> list[int]: ...
+
+    def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        """Run ``requests`` (same sampling settings) as one batch."""
+        ...
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError | OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+class _RowwiseChooser:
+    """A logits processor that picks each row's next token itself (see the module docstring)
+    and records the model's log-probability of that token."""
+
+    def __init__(self, requests: Sequence[EngineRequest], prompt_width: int, eos_id: int,
+                 vocab_limit: int, device: Any) -> None:
+        import torch
+
+        self.requests = requests
+        self.prompt_width = prompt_width
+        self.eos_id = eos_id
+        self.vocab_limit = vocab_limit
+        self.logprobs: list[list[float]] = [[] for _ in requests]
+        self.generators = []
+        for request in requests:
+            generator = None
+            if not request.sampling.greedy:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(request.seed if request.seed is not None else 0)
+            self.generators.append(generator)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        step = input_ids.shape[1] - self.prompt_width
+        logits = scores.float()
+        if logits.shape[-1] > self.vocab_limit:  # padded embedding rows are not tokens
+            logits[:, self.vocab_limit:] = -math.inf
+        log_probs = torch.log_softmax(logits, dim=-1)
+        if step == 0:  # every job gets at least one token: an empty result helps no one
+            logits[:, self.eos_id] = -math.inf
+        chosen = torch.argmax(logits, dim=-1)
+        for row, request in enumerate(self.requests):
+            if step >= request.max_new_tokens:
+                chosen[row] = self.eos_id
+                continue
+            if not request.sampling.greedy:
+                chosen[row] = self._sample(logits[row], request.sampling, self.generators[row])
+        picked = log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        for row, request in enumerate(self.requests):
+            if step < request.max_new_tokens:
+                self.logprobs[row].append(picked[row])
+        forced = torch.full_like(scores, -math.inf)
+        forced.scatter_(1, chosen.unsqueeze(1), 0.0)
+        return forced
+
+    @staticmethod
+    def _sample(logits: Any, sampling: SamplingParams, generator: Any) -> Any:
+        import torch
+
+        logits = logits / sampling.temperature
+        if sampling.top_k:
+            kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+            sorted_probs = sorted_probs * keep
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+class TransformersEngine:
+    """A Hugging Face causal LM loaded from a local directory with ``from_pretrained``."""
+
+    def __init__(self, model_name: str, model_version: str, path: Path, device: str = "cpu") -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_name = model_name
+        self.model_version = model_version
+        self.device = device
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device)
+        self.model.eval()
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
+        self.vocab_limit = len(self.tokenizer)
+        self.max_positions = int(getattr(self.model.config, "n_positions", 0)
+                                 or getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def tokenize(self, prompt: str) -> list[int]:
+        try:
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        except Exception as error:  # the tokenizer's own errors vary by backend
+            raise TokenizationError(f"prompt could not be tokenized: {type(error).__name__}") from error
+        if not ids:
+            raise TokenizationError("prompt has no tokens")
+        return list(ids)
+
+    def warm_up(self) -> None:
+        """One tiny generation so the first job does not pay for lazy initialisation."""
+        self.generate([EngineRequest(self.tokenize("Warm up"), 2, SamplingParams())])
+
+    def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        torch = self._torch
+        width = max(len(r.prompt_ids) for r in requests)
+        longest = max(r.max_new_tokens for r in requests)
+        if width + longest > self.max_positions:
+            raise TokenizationError(f"prompt of {width} tokens + {longest} new exceeds the model's "
+                                    f"{self.max_positions} positions")
+        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, request in enumerate(requests):  # left padding: the prompt ends where generation starts
+            input_ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
+            mask[row, width - len(request.prompt_ids):] = 1
+        chooser = _RowwiseChooser(requests, width, self.eos_id, self.vocab_limit, self.device)
+        config = GenerationConfig(max_new_tokens=longest, do_sample=False, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_id, bos_token_id=self.eos_id)
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                    generation_config=config, logits_processor=LogitsProcessorList([chooser]),
+                )
+        except Exception as error:
+            if is_out_of_memory(error):
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                raise OutOfMemoryError(f"out of memory at batch {len(requests)}") from error
+            raise
+        results = []
+        for row, request in enumerate(requests):
+            new = output[row, width:].tolist()[: request.max_new_tokens]
+            if self.eos_id in new:
+                new = new[: new.index(self.eos_id)]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            results.append(EngineResult(text, new, chooser.logprobs[row][: len(new)]))
+        return results
+
+
+class StubEngine:
+    """A deterministic engine with no model: text is the prompt's words reversed, one token per
+    word. For unit tests of the batching loop; ``fail_above`` simulates out-of-memory."""
+
+    def __init__(self, model_name: str = "stub", *, fail_above: int | None = None) -> None:
+        self.model_name = model_name
+        self.model_version = "stub-1"
+        self.device = "cpu"
+        self.fail_above = fail_above
+        self.batches: list[int] = []
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if "\x00" in prompt:
+            raise TokenizationError("prompt contains NUL")
+        return [len(word) for word in prompt.split()] or [0]
+
+    def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        if self.fail_above is not None and len(requests) > self.fail_above:
+            raise OutOfMemoryError(f"stub out of memory at batch {len(requests)}")
+        self.batches.append(len(requests))
+        out = []
+        for request in requests:
+            ids = list(reversed(request.prompt_ids))[: request.max_new_tokens]
+            out.append(EngineResult(" ".join(map(str, ids)), ids, [-1.0] * len(ids)))
+        return out

@@ -1,0 +1,1 @@
+"""Scheduled maintenance: each task's domain code, runnable by hand and from beat."""

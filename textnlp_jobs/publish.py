@@ -1,0 +1,60 @@
+"""Publishing job messages. A message carries only the job id; the row holds everything else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from textnlp_jobs.constants import GENERATE_TASK, device_queue, generation_queue
+from textnlp_jobs.db import repository as repo
+from textnlp_jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PUBLISH_BATCH = 500
+
+
+def parse_device(device: str, default_node: str) -> tuple[str, str]:
+    """``"node/cuda.0"`` or ``"cuda:0"`` -> (node, normalised device id ``cuda.0``)."""
+    node, _, local = device.rpartition("/")
+    kind, _, index = local.replace(":", ".").partition(".")
+    return (node or default_node), f"{kind}.{index or '0'}"
+
+
+def queue_for(routing: repo.Routing, settings: Settings) -> str:
+    if routing.device:
+        node, device = parse_device(routing.device, settings.node_name)
+        return device_queue(node, device)
+    return generation_queue(routing.model)
+
+
+def broker_priority(priority: int) -> int:
+    """Our priority is 0..9 with 9 most urgent; kombu's Redis transport serves 0 first."""
+    return 9 - max(0, min(9, priority))
+
+
+def publish(celery: Celery, settings: Settings, routings: Sequence[repo.Routing]) -> None:
+    """Send one message per job, pipelined in batches where the transport supports it."""
+    if not routings:
+        return
+    with celery.producer_or_acquire() as producer:
+        for start in range(0, len(routings), PUBLISH_BATCH):
+            with producer.batch(PUBLISH_BATCH * 4):
+                for routing in routings[start:start + PUBLISH_BATCH]:
+                    job_id = str(routing.id)
+                    celery.send_task(
+                        GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue_for(routing, settings),
+                        priority=broker_priority(routing.priority), producer=producer,
+                    )
+
+
+def publish_and_mark(celery: Celery, settings: Settings, factory: sessionmaker[Session],
+                     routings: Sequence[repo.Routing]) -> None:
+    """Publish, then stamp ``published_at`` so the reconciler knows when each was last sent.
+    If publishing fails the rows stay queued and the reconciler sends them after its grace."""
+    publish(celery, settings, routings)
+    with factory.begin() as session:
+        repo.mark_published(session, [r.id for r in routings])

@@ -1,0 +1,127 @@
+"""All configuration, read once from ``TEXTNLP_*`` environment variables.
+
+With no variables set at all the system runs *embedded*: an SQLite ledger and kombu's
+``filesystem://`` broker under ``TEXTNLP_HOME`` (default ``~/.textnlp-jobs``), so a new user's
+first command needs no server. Production points ``TEXTNLP_DATABASE_URL`` at PostgreSQL and
+``TEXTNLP_BROKER_URL`` at Redis.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BatchingPolicy(BaseSettings):
+    """How one model's jobs are gathered into batches on a device."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    max_batch: int = Field(16, ge=1, le=512)
+    max_wait_ms: float = Field(20.0, ge=0, le=10_000)
+
+
+class Settings(BaseSettings):
+    """Every knob of the system; each field is ``TEXTNLP_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="TEXTNLP_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".textnlp-jobs")
+    database_url: SecretStr | None = None
+    broker_url: SecretStr | None = None
+    # Celery's own result backend is off by default: the ledger holds every result.
+    result_backend: SecretStr | None = None
+    model_store: Path | None = None
+    node_name: str = Field(default_factory=socket.gethostname)
+
+    # Which models each device serves, e.g. {"cuda.0": ["demo"], "*": ["demo"]}; "*" is the default.
+    placement: dict[str, list[str]] = Field(default_factory=lambda: {"*": ["demo"]})
+    # Per-model batching, e.g. {"small": {"max_batch": 32, "max_wait_ms": 50}}; "*" is the default.
+    batching: dict[str, BatchingPolicy] = Field(default_factory=lambda: {"*": BatchingPolicy()})
+
+    # Input limits: bad input is refused before anything is written.
+    max_prompt_bytes: int = Field(16_384, ge=1)
+    max_prompt_tokens: int = Field(1_024, ge=1)
+    max_new_tokens_limit: int = Field(512, ge=1)
+    default_max_new_tokens: int = Field(32, ge=1)
+    max_temperature: float = Field(2.0, gt=0)
+    max_priority: int = Field(9, ge=0, le=9)
+    default_max_attempts: int = Field(3, ge=1, le=20)
+
+    # Job lifetime. A claimed job owns its row for lease_seconds; the longest a job may take on a
+    # device is max_job_seconds, and the broker must not redeliver before that.
+    lease_seconds: float = Field(600.0, gt=0)
+    max_job_seconds: float = Field(300.0, gt=0)
+    visibility_timeout: float = Field(3_600.0, gt=0)
+    reconcile_grace_seconds: float = Field(60.0, ge=0)
+    reconcile_batch: int = Field(5_000, ge=1)
+
+    # The embedded filesystem broker polls its folder; lower means lower latency, more CPU.
+    filesystem_polling_interval: float = Field(0.05, gt=0)
+    reconcile_interval_seconds: float = Field(300.0, gt=0)
+
+    @field_validator("placement")
+    @classmethod
+    def _placement_has_models(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for device, models in value.items():
+            if not models:
+                raise ValueError(f"placement for {device!r} names no model")
+        return value
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    def database_url_value(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.home / 'ledger.sqlite3'}"
+
+    def broker_url_value(self) -> str:
+        if self.broker_url is not None:
+            return self.broker_url.get_secret_value()
+        return "filesystem://"
+
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    def model_store_dir(self) -> Path:
+        return self.model_store if self.model_store is not None else self.home / "models"
+
+    def models_for_device(self, device: str) -> list[str]:
+        return list(self.placement.get(device) or self.placement.get("*") or [])
+
+    def batching_for(self, model: str) -> BatchingPolicy:
+        return self.batching.get(model) or self.batching.get("*") or BatchingPolicy()
+
+    def broker_transport_options(self) -> dict[str, Any]:
+        if self.embedded:
+            folder = str(self.broker_folder())
+            return {
+                "data_folder_in": folder,
+                "data_folder_out": folder,
+                "polling_interval": self.filesystem_polling_interval,
+            }
+        return {
+            "visibility_timeout": self.visibility_timeout,
+            # Ten priority lists per queue; kombu polls the lowest number first.
+            "priority_steps": list(range(10)),
+            "queue_order_strategy": "priority",
+        }
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests and the CLI change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,1 @@
+"""Celery tasks: thin shells that validate the message and call the domain code."""

@@ -1,0 +1,106 @@
+"""Checks every job before anything is written: a bad job gets an error naming the field and
+the limit, and creates no row and no message."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
+from typing import Any
+
+from textnlp_jobs.db.repository import NewJob
+from textnlp_jobs.errors import InputError, UnknownModelError
+from textnlp_jobs.settings import Settings
+
+_DEVICE = re.compile(r"^(?:[A-Za-z0-9_.-]+/)?(?:cuda|cpu)[.:]\d{1,3}$")
+_MAX_SEED = 2**63 - 1
+
+TokenCounter = Callable[[str, str], int | None]  # (model, prompt) -> tokens, None if unknown here
+
+
+def _number(field: str, value: Any, kind: type, low: float, high: float, *, low_open: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise InputError(field, f"must be {'a number' if kind is float else 'an integer'}, got {value!r}",
+                         code=f"input.{field}_invalid")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise InputError(field, f"{value} is outside the allowed range {bracket}{low}, {high}]",
+                         code=f"input.{field}_out_of_range")
+    return kind(value)
+
+
+def _prompt_text(prompt: Any, settings: Settings) -> str:
+    if isinstance(prompt, bytes | bytearray):
+        try:
+            prompt = bytes(prompt).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError("prompt", f"is not valid UTF-8 (bad byte at offset {error.start})",
+                             code="input.prompt_invalid_utf8") from None
+    if not isinstance(prompt, str):
+        raise InputError("prompt", f"must be text, got {type(prompt).__name__}", code="input.prompt_invalid")
+    try:
+        size = len(prompt.encode("utf-8"))
+    except UnicodeEncodeError as error:  # lone surrogates from a bad decode upstream
+        raise InputError("prompt", f"is not valid UTF-8 (unpaired surrogate at character {error.start})",
+                         code="input.prompt_invalid_utf8") from None
+    if not prompt.strip():
+        raise InputError("prompt", "is empty", code="input.prompt_empty")
+    if "\x00" in prompt:
+        raise InputError("prompt", "contains a NUL character", code="input.prompt_invalid")
+    if size > settings.max_prompt_bytes:
+        raise InputError("prompt", f"is {size} bytes, over the limit of {settings.max_prompt_bytes} bytes",
+                         code="input.prompt_too_long")
+    return prompt
+
+
+def validate_job(
+    spec: dict[str, Any], settings: Settings, known_models: Collection[str], count_tokens: TokenCounter,
+) -> NewJob:
+    """Turn one job's keyword arguments into a ``NewJob`` or raise ``InputError``."""
+    allowed = {"prompt", "model", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "priority",
+               "idempotency_key", "deadline", "device", "max_attempts"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise InputError(sorted(unknown)[0], "is not a job parameter", code="input.unknown_parameter")
+    prompt = _prompt_text(spec.get("prompt"), settings)
+    model = spec.get("model")
+    if not isinstance(model, str) or model not in known_models:
+        raise UnknownModelError(str(model), list(known_models))
+    prompt_tokens = count_tokens(model, prompt)
+    if prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
+        raise InputError("prompt", f"is {prompt_tokens} tokens, over the limit of {settings.max_prompt_tokens} tokens",
+                         code="input.prompt_too_many_tokens")
+
+    max_new_tokens = _number("max_new_tokens", spec.get("max_new_tokens", settings.default_max_new_tokens),
+                             int, 1, settings.max_new_tokens_limit)
+    temperature = _number("temperature", spec.get("temperature", 0.0), float, 0.0, settings.max_temperature)
+    top_p = _number("top_p", spec.get("top_p", 1.0), float, 0.0, 1.0, low_open=True)
+    top_k = _number("top_k", spec.get("top_k", 0), int, 0, 1_000_000)
+    seed = spec.get("seed")
+    if seed is not None:
+        seed = _number("seed", seed, int, 0, _MAX_SEED)
+    elif temperature > 0:
+        seed = random.SystemRandom().randrange(2**31)  # stored, so every retry draws the same text
+    priority = _number("priority", spec.get("priority", 0), int, 0, settings.max_priority)
+    max_attempts = _number("max_attempts", spec.get("max_attempts", settings.default_max_attempts), int, 1, 20)
+
+    key = spec.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 255):
+        raise InputError("idempotency_key", "must be text of 1 to 255 characters", code="input.idempotency_key_invalid")
+    deadline = spec.get("deadline")
+    if deadline is not None:
+        if not isinstance(deadline, datetime) or deadline.tzinfo is None:
+            raise InputError("deadline", "must be a timezone-aware datetime", code="input.deadline_invalid")
+        if deadline <= datetime.now(UTC):
+            raise InputError("deadline", f"{deadline.isoformat()} is already past", code="input.deadline_past")
+    device = spec.get("device")
+    if device is not None and (not isinstance(device, str) or not _DEVICE.match(device)):
+        raise InputError("device", f"{device!r} is not a device like 'cuda.0', 'cpu.1' or 'node/cuda.0'",
+                         code="input.device_invalid")
+
+    params = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+    return NewJob(prompt=prompt, model=model, max_new_tokens=max_new_tokens, params=params, priority=priority,
+                  max_attempts=max_attempts, idempotency_key=key, deadline=deadline, device=device,
+                  prompt_tokens=prompt_tokens)

@@ -1,0 +1,1 @@
+"""Worker entry points: one generation worker per device, the maintenance worker."""
