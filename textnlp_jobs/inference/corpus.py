@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 # A fixed list keeps the corpus (and so the model) the same on every run of one Python version.
 CORPUS_MODULES = (
@@ -24,6 +25,12 @@ CORPUS_MODULES = (
 
 def python_docstrings(max_chars: int = 600_000) -> list[str]:
     """Paragraphs of English prose from the standard library's docstrings."""
+    with warnings.catch_warnings():  # some members are deprecated aliases; reading them warns
+        warnings.simplefilter("ignore")
+        return _collect(max_chars)
+
+
+def _collect(max_chars: int) -> list[str]:
     paragraphs: list[str] = []
     total = 0
     for name in CORPUS_MODULES:

@@ -1,0 +1,184 @@
+"""A scratch copy of the whole system on this machine, for tests and benchmarks.
+
+It creates its own PostgreSQL database and claims its own Redis database number on the servers
+already running (never touching anyone else's data), migrates, starts real worker processes, and
+removes everything it made when closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from textnlp_jobs.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_OWNER_KEY = "textnlp:local-stack:owner"
+
+
+class ServiceUnavailable(RuntimeError):
+    """PostgreSQL or Redis is not reachable."""
+
+
+@contextmanager
+def scratch_postgres(server: str = "postgresql+psycopg://postgres@127.0.0.1:5432") -> Iterator[str]:
+    """A new, empty database on ``server``; dropped afterwards. Yields its URL."""
+    import psycopg
+
+    name = f"textnlp_scratch_{uuid.uuid4().hex[:12]}"
+    admin = server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as error:
+        raise ServiceUnavailable(f"PostgreSQL at {server}: {error}") from error
+    try:
+        yield f"{server}/{name}"
+    finally:
+        from textnlp_jobs.db.session import dispose_engines
+
+        dispose_engines()
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def scratch_redis(host: str = "127.0.0.1", port: int = 6379) -> Iterator[str]:
+    """Claim a Redis database number no one else uses (1..15) for the duration; emptied
+    (FLUSHDB of that number only) afterwards. Yields its URL."""
+    import redis
+
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    chosen = None
+    try:
+        for db in range(1, 16):
+            client = redis.Redis(host=host, port=port, db=db, socket_connect_timeout=3)
+            if client.dbsize() == 0 and client.set(_OWNER_KEY, token, nx=True, ex=6 * 3600):
+                chosen = client
+                break
+            client.close()
+    except redis.ConnectionError as error:
+        raise ServiceUnavailable(f"Redis at {host}:{port}: {error}") from error
+    if chosen is None:
+        raise ServiceUnavailable("no free Redis database number in 1..15")
+    db_number = chosen.connection_pool.connection_kwargs["db"]
+    try:
+        yield f"redis://{host}:{port}/{db_number}"
+    finally:
+        chosen.flushdb()
+        chosen.close()
+
+
+def keep_ownership(redis_url: str) -> None:
+    """Mark a claimed Redis database as ours again (after a test flushed it on purpose)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.set(_OWNER_KEY, "reclaimed", ex=6 * 3600)
+    client.close()
+
+
+@dataclass
+class WorkerProcess:
+    """A real worker subprocess that can be killed and started again."""
+
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start(self) -> WorkerProcess:
+        self.starts += 1
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=REPO_ROOT, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, no acks, no releases."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalStack:
+    """Settings (as environment variables) shared by this process and the workers it starts."""
+
+    env: dict[str, str]
+    workdir: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            key[len("TEXTNLP_"):].lower(): json.loads(value) if value[:1] in "{[" else value
+            for key, value in self.env.items() if key.startswith("TEXTNLP_")
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    def process_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTNLP_")}
+        env.update(self.env)
+        env.update(extra or {})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        return env
+
+    def device_worker(self, device: str = "cpu.0", *, extra_env: Mapping[str, str] | None = None,
+                      args: list[str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(
+            [sys.executable, "-m", "workers.device", "--device", device, "--loglevel", "INFO", *(args or [])],
+            self.process_env(extra_env), self.workdir / f"worker-{device}-{len(self.workers)}.log",
+        )
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, worker_hostname: str, timeout: float = 120.0) -> None:
+        """Until the worker answers a ping (its models are loaded before it consumes)."""
+        from textnlp_jobs.celery_app import create_app
+
+        celery = create_app(self.settings())
+        give_up = time.monotonic() + timeout
+        try:
+            while time.monotonic() < give_up:
+                if celery.control.ping(destination=[worker_hostname], timeout=0.5):
+                    return
+                if not any(w.alive for w in self.workers):
+                    break
+        finally:
+            celery.close()
+        tails = "\n---\n".join(w.log_tail() for w in self.workers)
+        raise TimeoutError(f"worker {worker_hostname} not ready after {timeout:.0f}s\n{tails}")
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.stop()
