@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from textnlp_jobs.db.models import Base
 from textnlp_jobs.db.session import build_engine
 from textnlp_jobs.settings import get_settings

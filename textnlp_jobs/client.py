@@ -124,11 +124,12 @@ class Client:
             found = {job.id: job for job in repo.get_jobs(session, wanted)}
         missing = [str(i) for i in wanted if i not in found]
         if missing:
-            raise JobNotFoundError(f"no job with id {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise JobNotFoundError(f"no job with id {missing[0]}{more}")
         return [found[i] for i in wanted]
 
     @overload
-    def wait(self, ids: uuid.UUID | str, timeout: float = ..., *, poll: float = ...,
+    def wait(self, ids: uuid.UUID | str, timeout: float = ..., *, poll: float = ...,  # type: ignore[overload-overlap]
              progress: Callable[[int], None] | None = ...) -> Job: ...
     @overload
     def wait(self, ids: Sequence[uuid.UUID | str], timeout: float = ..., *, poll: float = ...,
@@ -168,7 +169,9 @@ class Client:
             raise JobNotFoundError(f"no job with id {job_id}")
         return self.get(job_id)
 
-    def list(self, *, status: str | None = None, model: str | None = None, limit: int = 50) -> builtins.list[Job]:
+    def list(  # mirrors the CLI's `jobs list`
+        self, *, status: str | None = None, model: str | None = None, limit: int = 50
+    ) -> builtins.list[Job]:
         with self.sessions() as session:
             return repo.list_jobs(session, status=status, model=model, limit=limit)
 
@@ -183,8 +186,8 @@ class Client:
             self._models = (time.monotonic(), models)
             return models
 
-    def _known_models(self) -> list[str]:
-        return list(self._resolved_models())
+    def _known_models(self) -> builtins.list[str]:
+        return builtins.list(self._resolved_models())
 
     def _count_tokens(self, model: str, prompt: str) -> int | None:
         """Tokens in ``prompt`` by the model's own tokenizer, when this producer can read the

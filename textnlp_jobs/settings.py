@@ -106,6 +106,10 @@ class Settings(BaseSettings):
             return {
                 "data_folder_in": folder,
                 "data_folder_out": folder,
+                # kombu's default is the relative path "control", i.e. the process's working
+                # directory: processes started from different directories would not see each
+                # other's fanout bindings (remote control / ping would go unanswered).
+                "control_folder": str(self.home / "broker-control"),
                 "polling_interval": self.filesystem_polling_interval,
             }
         return {

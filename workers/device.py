@@ -102,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--loglevel", default=os.environ.get("TEXTNLP_LOGLEVEL", "INFO"))
     parser.add_argument("--torch-threads", type=int, default=None)
     args = parser.parse_args(argv)
-    run(args.device, args.models.split(",") if args.models else None, concurrency=args.concurrency,
-        loglevel=args.loglevel, torch_threads=args.torch_threads)
+    try:
+        run(args.device, args.models.split(",") if args.models else None, concurrency=args.concurrency,
+            loglevel=args.loglevel, torch_threads=args.torch_threads)
+    except ConfigurationError as error:
+        print(f"error {error.code}: {error.message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

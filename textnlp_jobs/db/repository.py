@@ -269,15 +269,15 @@ def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: float
             .where(g.id == job_id)
         ).one()
         return ClaimOutcome(ClaimedJob(*row), "claimed")
-    row = session.execute(select(g.status, g.attempts, g.max_attempts, g.deadline).where(g.id == job_id)).first()
-    if row is None:
+    state = session.execute(select(g.status, g.attempts, g.max_attempts, g.deadline).where(g.id == job_id)).first()
+    if state is None:
         return ClaimOutcome(None, "missing")
-    if row.status != JobStatus.QUEUED.value:
+    if state.status != JobStatus.QUEUED.value:
         return ClaimOutcome(None, "not_queued")
-    if row.deadline is not None and row.deadline <= now:
+    if state.deadline is not None and state.deadline <= now:
         _finish_unclaimed(session, job_id, JobStatus.EXPIRED, "job.expired", "deadline passed before the job ran")
         return ClaimOutcome(None, "expired")
-    _finish_unclaimed(session, job_id, JobStatus.DEAD, "job.max_attempts", f"gave up after {row.attempts} attempts")
+    _finish_unclaimed(session, job_id, JobStatus.DEAD, "job.max_attempts", f"gave up after {state.attempts} attempts")
     return ClaimOutcome(None, "dead")
 
 

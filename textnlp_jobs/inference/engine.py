@@ -156,7 +156,8 @@ class TransformersEngine:
         self.device = device
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        self.model.to(device)  # type: ignore[arg-type]  # transformers types .to() narrowly
         self.model.eval()
         self.eos_id = int(self.tokenizer.eos_token_id)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
@@ -211,7 +212,7 @@ class TransformersEngine:
             new = output[row, width:].tolist()[: request.max_new_tokens]
             if self.eos_id in new:
                 new = new[: new.index(self.eos_id)]
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            text = str(self.tokenizer.decode(new, skip_special_tokens=True))
             results.append(EngineResult(text, new, chooser.logprobs[row][: len(new)]))
         return results
 

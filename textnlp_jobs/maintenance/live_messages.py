@@ -44,8 +44,7 @@ def _redis_live(settings: Settings, fresh_seconds: float) -> set[str]:
                     live.update(filter(None, map(_job_id, client.lrange(key, start, start + 999))))
         # Delivered but not acked: live while its delivery is recent. An older one belongs to a
         # worker that died; kombu would only restore it after the visibility timeout.
-        recent = {tag for tag, _ in client.zrangebyscore(
-            KOMBU_UNACKED_INDEX_KEY, time.time() - fresh_seconds, "+inf", withscores=True)}
+        recent = set(client.zrangebyscore(KOMBU_UNACKED_INDEX_KEY, time.time() - fresh_seconds, "+inf"))
         for tag, value in client.hscan_iter(KOMBU_UNACKED_KEY, count=1000):
             if tag in recent:
                 try:

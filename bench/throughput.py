@@ -1,0 +1,522 @@
+#!/usr/bin/env python
+"""Throughput and latency of the job system against the engine's own limit.
+
+    python bench/throughput.py --model demo --jobs 64 --batch 16 --unbatched-jobs 16 --latency-seconds 5
+    python bench/throughput.py --model small --jobs 512 --batch 32 --device cuda.0 --embedded
+
+For each model it measures, on the same N greedy prompts with a fixed ``max_new_tokens``:
+
+1. direct: ``TransformersEngine.generate`` in this process, batches of B (the limit), and at
+   batch 1 on the first M prompts;
+2. system, batched: a scratch stack (PostgreSQL + Redis, or with ``--embedded`` SQLite + the
+   folder broker) with ONE real device worker subprocess, ``max_batch=B``; all N jobs are
+   submitted with ``submit_many`` and waited for; tokens come from the ledger;
+3. latency: on the same worker, jobs submitted one at a time at about half of the batched job
+   capacity measured in step 2 for S seconds; p50/p95 of ``finished_at - created_at``;
+4. system, ``max_batch=1``: M jobs on a fresh worker.
+
+It prints a table and one final line ``BENCH_RESULT {json}``. The system wall time is the ledger's
+(from just before ``submit_many`` to the last ``finished_at``), so the client's polling interval
+does not count; the client-observed time is reported beside it.
+Models are built once into ``bench/.models/`` (git-ignored) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/throughput.py` from a checkout that is not installed
+    sys.path.insert(0, str(REPO))
+
+MODEL_ROOT = REPO / "bench" / ".models"
+NODE = "benchnode"
+MAX_WAIT_MS = 50
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- models and prompts ----------------------------------------------------------------------
+
+def ensure_model(name: str) -> tuple[str, Path]:
+    """The model's directory in ``bench/.models`` (built now if there is none); (version, path)."""
+    from textnlp_jobs.inference import store
+    from textnlp_jobs.inference.bootstrap import build_model
+
+    folder = MODEL_ROOT / name
+    built = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")] if folder.is_dir() else []
+    if built:
+        path = max(built, key=lambda p: p.stat().st_mtime)
+        say(f"model {name}: reusing {path.relative_to(REPO)}")
+    else:
+        say(f"model {name}: building into {MODEL_ROOT.relative_to(REPO)} (once)")
+        started = time.perf_counter()
+        path = store.build_into_store(MODEL_ROOT, name, lambda target: build_model(name, target))
+        say(f"model {name}: built in {time.perf_counter() - started:.1f}s at {path.relative_to(REPO)}")
+    return path.name, path
+
+
+def make_prompts(count: int) -> list[str]:
+    """``count`` deterministic prompts: the first 6-10 words of the stdlib's docstring paragraphs."""
+    from textnlp_jobs.inference.corpus import python_docstrings
+
+    paragraphs = python_docstrings()
+    prompts = []
+    for i in range(count):
+        words = paragraphs[i % len(paragraphs)].split()
+        prompts.append(" ".join(words[: 6 + i % 5]))
+    return prompts
+
+
+def torch_device(device: str) -> str:
+    kind, _, index = device.replace(":", ".").partition(".")
+    return f"cuda:{index or 0}" if kind == "cuda" else "cpu"
+
+
+# --- the limit: the engine alone -------------------------------------------------------------
+
+def run_direct(engine: Any, prompt_ids: list[list[int]], batch: int, max_new_tokens: int) -> dict[str, Any]:
+    from textnlp_jobs.inference.engine import EngineRequest, SamplingParams
+
+    requests = [EngineRequest(ids, max_new_tokens, SamplingParams()) for ids in prompt_ids]
+    engine.generate(requests[:batch])  # warm this batch shape (allocator, kernels)
+    _synchronize(engine.device)
+    tokens = 0
+    started = time.perf_counter()
+    for start in range(0, len(requests), batch):
+        tokens += sum(r.tokens_generated for r in engine.generate(requests[start:start + batch]))
+    _synchronize(engine.device)
+    wall = time.perf_counter() - started
+    return {"jobs": len(requests), "batch": batch, "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "jobs_per_s": len(requests) / wall,
+            "ms_per_job": 1000 * wall / len(requests)}
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# --- the system ------------------------------------------------------------------------------
+
+class Stack:
+    """A scratch ledger and broker, the model registered, and helpers to run one worker on it."""
+
+    def __init__(self, exits: ExitStack, *, name: str, model_path: Path, device: str, embedded: bool,
+                 torch_threads: int | None) -> None:
+        from textnlp_jobs import local_stack
+        from textnlp_jobs.client import Client
+        from textnlp_jobs.db.migrate import upgrade
+        from textnlp_jobs.db.session import dispose_engines, session_factory
+        from textnlp_jobs.inference import store
+
+        self.name = name
+        self.device = device
+        self.torch_threads = torch_threads
+        self.workdir = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="textnlp-bench-")))
+        env = {
+            "TEXTNLP_HOME": str(self.workdir / "home"),
+            "TEXTNLP_MODEL_STORE": str(MODEL_ROOT),
+            "TEXTNLP_NODE_NAME": NODE,
+            "TEXTNLP_PLACEMENT": json.dumps({"*": [name]}),
+        }
+        if not embedded:
+            env["TEXTNLP_DATABASE_URL"] = exits.enter_context(local_stack.scratch_postgres())
+            env["TEXTNLP_BROKER_URL"] = exits.enter_context(local_stack.scratch_redis())
+        exits.callback(dispose_engines)
+        self.stack = local_stack.LocalStack(env, self.workdir)
+        exits.callback(self.stack.stop_all)  # runs before the scratch database is dropped
+        self.settings = self.stack.settings()
+        upgrade(self.settings.database_url_value())
+        with session_factory(self.settings).begin() as session:
+            store.register_version(session, name, model_path)
+        self.client = Client(self.settings)
+        exits.callback(self.client.celery.close)
+
+    def start_worker(self, max_batch: int) -> Any:
+        from workers.device import worker_hostname
+
+        batching = json.dumps({"*": {"max_batch": max_batch, "max_wait_ms": MAX_WAIT_MS}})
+        args = ["--models", self.name]
+        if self.torch_threads:
+            args += ["--torch-threads", str(self.torch_threads)]
+        worker = self.stack.device_worker(self.device, extra_env={"TEXTNLP_BATCHING": batching}, args=args)
+        started = time.perf_counter()
+        worker.start()
+        try:
+            self.stack.wait_ready(worker_hostname(self.settings, self.device), timeout=300)
+        except BaseException:
+            worker.stop()
+            raise
+        say(f"worker {self.device} max_batch={max_batch} ready in {time.perf_counter() - started:.1f}s "
+            f"(pid {worker.process.pid}, log {worker.log_path})")
+        return worker
+
+    def spec(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+        return {"prompt": prompt, "model": self.name, "max_new_tokens": max_new_tokens, "max_attempts": 1}
+
+    def run_all(self, prompts: list[str], max_new_tokens: int, timeout: float) -> dict[str, Any]:
+        """Submit every prompt at once, wait for all; figures from the ledger."""
+        t_submit = datetime.now(UTC)
+        started = time.perf_counter()
+        jobs = self.client.submit_many([self.spec(p, max_new_tokens) for p in prompts])
+        submitted = time.perf_counter() - started
+        done = self.client.wait([j.id for j in jobs], timeout=timeout, poll=0.02)
+        client_wall = time.perf_counter() - started
+        result = summarize(done, t_submit)
+        result.update(submit_s=submitted, client_wall_s=client_wall)
+        return result
+
+    def run_steady(self, prompts: list[str], max_new_tokens: int, rate: float, seconds: float,
+                   threads: int, timeout: float) -> dict[str, Any]:
+        """Submit jobs one at a time, the k-th at t0 + k/rate, for ``seconds``; latency percentiles."""
+        count = max(1, int(rate * seconds))
+        ids: list[Any] = [None] * count
+        late: list[float] = [0.0] * count
+        next_index = [0]
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+        t0 = time.perf_counter() + 0.1
+
+        def submitter() -> None:
+            while True:
+                with lock:
+                    k = next_index[0]
+                    if k >= count or errors:
+                        return
+                    next_index[0] += 1
+                due = t0 + k / rate
+                pause = due - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+                late[k] = max(0.0, time.perf_counter() - due)
+                try:
+                    ids[k] = self.client.submit(prompts[k % len(prompts)], model=self.name,
+                                                max_new_tokens=max_new_tokens, max_attempts=1).id
+                except BaseException as error:  # surfaced below, after the threads stop
+                    errors.append(error)
+                    return
+
+        pool = [threading.Thread(target=submitter, name=f"submit-{i}", daemon=True) for i in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        if errors:
+            raise errors[0]
+        offered_for = time.perf_counter() - t0
+        done = self.client.wait(ids, timeout=timeout, poll=0.02)
+        result = summarize(done, None)
+        latencies = sorted((j.finished_at - j.created_at).total_seconds() for j in done if j.finished_at)
+        result.update(
+            target_rate_jobs_per_s=rate, offered_jobs=count, offered_seconds=offered_for,
+            achieved_rate_jobs_per_s=count / offered_for if offered_for > 0 else None,
+            submit_late_p95_ms=1000 * percentile(sorted(late), 95), submit_threads=threads,
+            latency_p50_ms=1000 * percentile(latencies, 50), latency_p95_ms=1000 * percentile(latencies, 95),
+            latency_max_ms=1000 * latencies[-1] if latencies else None,
+        )
+        return result
+
+
+def summarize(jobs: list[Any], t_submit: datetime | None) -> dict[str, Any]:
+    succeeded = [j for j in jobs if j.status == "succeeded"]
+    statuses: dict[str, int] = {}
+    for job in jobs:
+        statuses[job.status] = statuses.get(job.status, 0) + 1
+    errors = sorted({f"{j.error_code}: {j.error_message}" for j in jobs if j.status != "succeeded"})
+    tokens = sum(j.tokens_generated or 0 for j in succeeded)
+    finished = [j.finished_at for j in jobs if j.finished_at is not None]
+    first = t_submit or min(j.created_at for j in jobs)
+    wall = (max(finished) - first).total_seconds() if finished else float("nan")
+    batch_sizes = [j.batch_size for j in succeeded if j.batch_size]
+    return {
+        "jobs": len(jobs), "statuses": statuses, "errors": errors[:5], "tokens": tokens, "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else None, "jobs_per_s": len(jobs) / wall if wall > 0 else None,
+        "ms_per_job": 1000 * wall / len(jobs), "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else None,
+        "mean_inference_s": statistics.fmean(j.inference_seconds for j in succeeded if j.inference_seconds is not None)
+        if succeeded else None,
+    }
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks; ``ordered`` is sorted."""
+    if not ordered:
+        return float("nan")
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# --- the machine -----------------------------------------------------------------------------
+
+def machine(device: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "host": socket.gethostname(), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "cpu": _cpu_name(), "device": device,
+    }
+    if device.startswith("cuda"):
+        index = int(torch_device(device).split(":")[1])
+        props = torch.cuda.get_device_properties(index)
+        info.update(device_name=props.name, device_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, visible_gpus=torch.cuda.device_count())
+    else:
+        info["device_name"] = info["cpu"]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_memory_by_pid() -> dict[int, float]:
+    """MiB of GPU memory per process, from nvidia-smi (empty where there is none)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    usage: dict[int, float] = {}
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            try:
+                usage[int(parts[0])] = float(parts[1])
+            except ValueError:
+                continue
+    return usage
+
+
+# --- one model, end to end -------------------------------------------------------------------
+
+def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from textnlp_jobs.inference.engine import TransformersEngine
+
+    version, path = ensure_model(name)
+    prompts = make_prompts(args.jobs)
+    unbatched = prompts[: args.unbatched_jobs]
+    result: dict[str, Any] = {"model": name, "version": version, "jobs": args.jobs, "batch": args.batch,
+                              "unbatched_jobs": len(unbatched), "max_new_tokens": args.max_new_tokens}
+
+    # 1. The limit: the engine in this process, no ledger, no broker.
+    dev = torch_device(args.device)
+    engine = TransformersEngine(name, version, path, dev)
+    engine.warm_up()
+    ids = [engine.tokenize(p) for p in prompts]
+    say(f"{name}: direct, {len(ids)} prompts in batches of {args.batch} on {dev}")
+    result["direct_batched"] = run_direct(engine, ids, args.batch, args.max_new_tokens)
+    say(f"{name}: direct batched {result['direct_batched']['tokens_per_s']:.1f} tok/s")
+    say(f"{name}: direct, {len(unbatched)} prompts at batch 1")
+    result["direct_unbatched"] = run_direct(engine, ids[: len(unbatched)], 1, args.max_new_tokens)
+    say(f"{name}: direct batch-1 {result['direct_unbatched']['tokens_per_s']:.1f} tok/s")
+    if dev.startswith("cuda"):
+        result["direct_peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    # The worker gets the device to itself: nothing of the direct run stays busy or resident.
+    del engine
+    gc.collect()
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    with ExitStack() as exits:
+        stack = Stack(exits, name=name, model_path=path, device=args.device, embedded=args.embedded,
+                      torch_threads=args.torch_threads)
+        mode = "embedded (SQLite + filesystem broker)" if args.embedded else "PostgreSQL + Redis"
+        result["stack"] = mode
+        say(f"{name}: scratch stack {mode}, workdir {stack.workdir}")
+
+        # 2. The system, batched.
+        worker = stack.start_worker(args.batch)
+        try:
+            timeout = 300 + 30 * result["direct_batched"]["wall_s"]
+            say(f"{name}: system, {len(prompts)} jobs, max_batch={args.batch}")
+            result["system_batched"] = stack.run_all(prompts, args.max_new_tokens, timeout)
+            say(f"{name}: system batched {_fmt(result['system_batched']['tokens_per_s'])} tok/s, "
+                f"mean batch {_fmt(result['system_batched']['mean_batch_size'])}")
+            memory = gpu_memory_by_pid()
+            if memory and worker.process is not None:
+                result["worker_gpu_memory_mib"] = memory.get(worker.process.pid)
+
+            # 3. Latency at a steady offered load under capacity, on the same worker.
+            capacity = result["system_batched"]["jobs_per_s"]
+            if args.latency_seconds > 0 and capacity:
+                rate = args.load_fraction * capacity
+                say(f"{name}: latency, {rate:.1f} jobs/s ({args.load_fraction:.0%} of {capacity:.1f}) "
+                    f"for {args.latency_seconds:.0f}s")
+                result["latency"] = stack.run_steady(prompts, args.max_new_tokens, rate, args.latency_seconds,
+                                                     args.submit_threads, timeout)
+                say(f"{name}: latency p50 {_fmt(result['latency']['latency_p50_ms'])} ms, "
+                    f"p95 {_fmt(result['latency']['latency_p95_ms'])} ms")
+        except BaseException:
+            say(f"worker log tail:\n{worker.log_tail()}")
+            raise
+        finally:
+            worker.stop()
+
+        # 4. The system at max_batch=1.
+        if unbatched:
+            worker = stack.start_worker(1)
+            try:
+                timeout = 300 + 30 * result["direct_unbatched"]["wall_s"]
+                say(f"{name}: system, {len(unbatched)} jobs, max_batch=1")
+                result["system_unbatched"] = stack.run_all(unbatched, args.max_new_tokens, timeout)
+                say(f"{name}: system batch-1 {_fmt(result['system_unbatched']['tokens_per_s'])} tok/s")
+            except BaseException:
+                say(f"worker log tail:\n{worker.log_tail()}")
+                raise
+            finally:
+                worker.stop()
+
+    derive(result)
+    return result
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def derive(r: dict[str, Any]) -> None:
+    db, du = r["direct_batched"], r["direct_unbatched"]
+    sb, su = r.get("system_batched"), r.get("system_unbatched")
+    if sb:
+        r["system_vs_direct_batched"] = _ratio(sb["tokens_per_s"], db["tokens_per_s"])
+        r["overhead_ms_per_job_batched"] = sb["ms_per_job"] - db["ms_per_job"]
+    if su:
+        r["system_vs_direct_unbatched"] = _ratio(su["tokens_per_s"], du["tokens_per_s"])
+        r["overhead_ms_per_job_unbatched"] = su["ms_per_job"] - du["ms_per_job"]
+    r["batching_gain_direct"] = _ratio(db["tokens_per_s"], du["tokens_per_s"])
+    if sb and su:
+        r["batching_gain_system"] = _ratio(sb["tokens_per_s"], su["tokens_per_s"])
+
+
+# --- output ----------------------------------------------------------------------------------
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    print()
+    print(f"machine: {info['host']}  device {info['device']} = {info['device_name']}  "
+          f"torch {info['torch']}  transformers {info['transformers']}  torch threads {info['torch_threads']}  "
+          f"cpus {info['cpu_count']}  python {info['python']}")
+    for r in results:
+        print(f"\nmodel {r['model']} ({r['version']})  N={r['jobs']} B={r['batch']} M={r['unbatched_jobs']} "
+              f"max_new_tokens={r['max_new_tokens']}  stack: {r.get('stack', '-')}")
+        header = f"{'run':<24}{'jobs':>6}{'tokens':>8}{'wall s':>9}{'tok/s':>11}{'jobs/s':>9}{'ms/job':>9}{'batch':>7}"
+        print(header)
+        print("-" * len(header))
+        rows = [("direct  B", r["direct_batched"]), ("system  B", r.get("system_batched")),
+                ("direct  1", r["direct_unbatched"]), ("system  1", r.get("system_unbatched"))]
+        for label, row in rows:
+            if not row:
+                continue
+            batch = row.get("mean_batch_size", row.get("batch"))
+            print(f"{label:<24}{row['jobs']:>6}{row['tokens']:>8}{_fmt(row['wall_s'], 2):>9}"
+                  f"{_fmt(row['tokens_per_s']):>11}{_fmt(row['jobs_per_s']):>9}{_fmt(row['ms_per_job'], 2):>9}"
+                  f"{_fmt(batch):>7}")
+            if row.get("statuses") and set(row["statuses"]) != {"succeeded"}:
+                print(f"{'':<24}statuses {row['statuses']}  {row['errors']}")
+        print(f"system / direct, batched:         {_fmt(r.get('system_vs_direct_batched'), 3)}")
+        print(f"system / direct, batch 1:         {_fmt(r.get('system_vs_direct_unbatched'), 3)}")
+        print(f"batching gain, system (B vs 1):   {_fmt(r.get('batching_gain_system'), 2)}x")
+        print(f"batching gain, direct (B vs 1):   {_fmt(r.get('batching_gain_direct'), 2)}x")
+        print(f"system overhead per job, batched: {_fmt(r.get('overhead_ms_per_job_batched'), 2)} ms")
+        print(f"system overhead per job, batch 1: {_fmt(r.get('overhead_ms_per_job_unbatched'), 2)} ms")
+        lat = r.get("latency")
+        if lat:
+            print(f"latency at {_fmt(lat['achieved_rate_jobs_per_s'])} jobs/s offered "
+                  f"(target {_fmt(lat['target_rate_jobs_per_s'])}, {lat['offered_jobs']} jobs): "
+                  f"p50 {_fmt(lat['latency_p50_ms'])} ms  p95 {_fmt(lat['latency_p95_ms'])} ms  "
+                  f"max {_fmt(lat['latency_max_ms'])} ms  mean batch {_fmt(lat['mean_batch_size'])}")
+            if set(lat["statuses"]) != {"succeeded"}:
+                print(f"  statuses {lat['statuses']}  {lat['errors']}")
+        if r.get("worker_gpu_memory_mib") is not None:
+            print(f"worker GPU memory (nvidia-smi): {_fmt(r['worker_gpu_memory_mib'], 0)} MiB")
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="demo, small or tiny; comma-separated for several")
+    parser.add_argument("--jobs", type=int, default=256, help="N: jobs for the batched runs")
+    parser.add_argument("--batch", type=int, default=16, help="B: max_batch of the batched runs")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu.0", help="cpu.0 or cuda.N")
+    parser.add_argument("--embedded", action="store_true", help="SQLite + filesystem broker; no servers")
+    parser.add_argument("--unbatched-jobs", type=int, default=None, help="M: jobs at max_batch=1 (min(N,128))")
+    parser.add_argument("--latency-seconds", type=float, default=15.0, help="steady-load run; 0 skips it")
+    parser.add_argument("--load-fraction", type=float, default=0.5, help="offered load / batched capacity")
+    parser.add_argument("--submit-threads", type=int, default=4, help="producer threads of the steady load")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads in this process AND the worker (default: torch's own default)")
+    args = parser.parse_args(argv)
+    if args.unbatched_jobs is None:
+        args.unbatched_jobs = min(args.jobs, 128)
+    args.unbatched_jobs = max(0, min(args.unbatched_jobs, args.jobs))
+    if args.jobs < 1 or args.batch < 1:
+        parser.error("--jobs and --batch must be at least 1")
+
+    # `timeout` and friends send SIGTERM: unwind, so the worker subprocess and scratch stack go too.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    # Settings come from the scratch stack alone: drop any TEXTNLP_* this shell carries.
+    stray = sorted(k for k in os.environ if k.startswith("TEXTNLP_"))
+    if stray:
+        say(f"ignoring {', '.join(stray)} from the environment")
+        for key in stray:
+            del os.environ[key]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"{args.device} asked for but torch sees no CUDA device")
+
+    info = machine(args.device)
+    say(f"{info['device_name']}, torch {info['torch']}, {info['torch_threads']} torch threads")
+    results = [bench_model(name.strip(), args) for name in args.model.split(",") if name.strip()]
+    print_table(info, results)
+    print("BENCH_RESULT " + json.dumps({"machine": info, "args": vars(args), "results": results},
+                                       default=str, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
