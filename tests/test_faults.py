@@ -1,6 +1,11 @@
-"""Faults lose no job and write no result twice: SIGKILLed workers, a flushed Redis."""
+"""Faults lose no job and write no result twice: SIGKILLed workers, a flushed Redis, a PostgreSQL restart."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
 
 import pytest
 import redis
@@ -61,3 +66,36 @@ def test_a_flushed_redis_mid_run_is_repaired_by_the_reconciler(stack: LocalStack
     assert final == {"succeeded": 200}, worker.log_tail()
     writes = result_writes(client, ids)
     assert len(writes) == 200 and set(writes.values()) == {1}
+
+
+def restart_postgresql() -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
+                   check=True, capture_output=True, timeout=120)
+    for _ in range(60):
+        if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], check=False).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("PostgreSQL did not come back")
+
+
+@pytest.mark.skipif(not shutil.which("pg_ctlcluster") or os.geteuid() != 0,
+                    reason="restarting PostgreSQL needs pg_ctlcluster as root")
+def test_a_postgresql_restart_mid_run_loses_no_job_and_writes_none_twice(stack: LocalStack) -> None:
+    worker = stack.device_worker("cpu.0").start()
+    client = Client(stack.settings())
+    jobs = client.submit_many(job_specs(120, max_new_tokens=24))
+    ids = [job.id for job in jobs]
+    stack.wait_ready(worker_hostname(stack.settings(), "cpu.0"))
+    restarted = []
+
+    def restart_mid_run(counts: dict[str, int]) -> None:
+        if not restarted and counts.get("succeeded", 0) >= 30:
+            restarted.append(counts)
+            restart_postgresql()
+
+    final = wait_until_final(client, ids, timeout=300, reconcile_every=2.0, during=restart_mid_run)
+    assert restarted
+    assert final == {"succeeded": 120}, worker.log_tail()
+    writes = result_writes(client, ids)
+    assert len(writes) == 120 and set(writes.values()) == {1}
