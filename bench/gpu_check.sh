@@ -226,7 +226,9 @@ else
     echo "textnlp_model_memory_usage_bytes: not recorded by this version (the gauge is defined in"
     echo "  textnlp_jobs/metrics/registry.py but no code sets it); nvidia-smi above stands in for it."
 fi
-grep -hE "device_worker_starting|model_loaded|starting [0-9]+ device worker" "$LOGS/workers.log" | head -20
+# (workers.device's own INFO lines are logged before Celery configures logging, so they do not
+# show; Celery's banner names each worker and its queues.)
+grep -hE "starting [0-9]+ device worker|-------------- gen-|\.> textnlp\.|concurrency:" "$LOGS/workers.log" | head -40
 
 stop_workers
 trap - EXIT

@@ -124,7 +124,7 @@ class Stack:
     """A scratch ledger and broker, the model registered, and helpers to run one worker on it."""
 
     def __init__(self, exits: ExitStack, *, name: str, model_path: Path, device: str, embedded: bool,
-                 torch_threads: int | None) -> None:
+                 torch_threads: int | None, worker_concurrency: int | None) -> None:
         from textnlp_jobs import local_stack
         from textnlp_jobs.client import Client
         from textnlp_jobs.db.migrate import upgrade
@@ -134,6 +134,7 @@ class Stack:
         self.name = name
         self.device = device
         self.torch_threads = torch_threads
+        self.worker_concurrency = worker_concurrency
         self.workdir = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="textnlp-bench-")))
         env = {
             "TEXTNLP_HOME": str(self.workdir / "home"),
@@ -161,6 +162,8 @@ class Stack:
         args = ["--models", self.name]
         if self.torch_threads:
             args += ["--torch-threads", str(self.torch_threads)]
+        if self.worker_concurrency and max_batch > 1:  # the batch-1 run keeps the default (one thread)
+            args += ["--concurrency", str(self.worker_concurrency)]
         worker = self.stack.device_worker(self.device, extra_env={"TEXTNLP_BATCHING": batching}, args=args)
         started = time.perf_counter()
         worker.start()
@@ -170,7 +173,7 @@ class Stack:
             worker.stop()
             raise
         say(f"worker {self.device} max_batch={max_batch} ready in {time.perf_counter() - started:.1f}s "
-            f"(pid {worker.process.pid}, log {worker.log_path})")
+            f"(pid {worker.process.pid if worker.process else None}, log {worker.log_path})")
         return worker
 
     def spec(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
@@ -250,12 +253,13 @@ def summarize(jobs: list[Any], t_submit: datetime | None) -> dict[str, Any]:
     first = t_submit or min(j.created_at for j in jobs)
     wall = (max(finished) - first).total_seconds() if finished else float("nan")
     batch_sizes = [j.batch_size for j in succeeded if j.batch_size]
+    inference = [j.inference_seconds for j in succeeded if j.inference_seconds is not None]
     return {
         "jobs": len(jobs), "statuses": statuses, "errors": errors[:5], "tokens": tokens, "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else None, "jobs_per_s": len(jobs) / wall if wall > 0 else None,
-        "ms_per_job": 1000 * wall / len(jobs), "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else None,
-        "mean_inference_s": statistics.fmean(j.inference_seconds for j in succeeded if j.inference_seconds is not None)
-        if succeeded else None,
+        "ms_per_job": 1000 * wall / len(jobs),
+        "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else None,
+        "mean_inference_s": statistics.fmean(inference) if inference else None,
     }
 
 
@@ -339,9 +343,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     say(f"{name}: direct, {len(ids)} prompts in batches of {args.batch} on {dev}")
     result["direct_batched"] = run_direct(engine, ids, args.batch, args.max_new_tokens)
     say(f"{name}: direct batched {result['direct_batched']['tokens_per_s']:.1f} tok/s")
-    say(f"{name}: direct, {len(unbatched)} prompts at batch 1")
-    result["direct_unbatched"] = run_direct(engine, ids[: len(unbatched)], 1, args.max_new_tokens)
-    say(f"{name}: direct batch-1 {result['direct_unbatched']['tokens_per_s']:.1f} tok/s")
+    result["direct_unbatched"] = None
+    if unbatched:
+        say(f"{name}: direct, {len(unbatched)} prompts at batch 1")
+        result["direct_unbatched"] = run_direct(engine, ids[: len(unbatched)], 1, args.max_new_tokens)
+        say(f"{name}: direct batch-1 {result['direct_unbatched']['tokens_per_s']:.1f} tok/s")
     if dev.startswith("cuda"):
         result["direct_peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     # The worker gets the device to itself: nothing of the direct run stays busy or resident.
@@ -352,7 +358,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     with ExitStack() as exits:
         stack = Stack(exits, name=name, model_path=path, device=args.device, embedded=args.embedded,
-                      torch_threads=args.torch_threads)
+                      torch_threads=args.torch_threads, worker_concurrency=args.worker_concurrency)
         mode = "embedded (SQLite + filesystem broker)" if args.embedded else "PostgreSQL + Redis"
         result["stack"] = mode
         say(f"{name}: scratch stack {mode}, workdir {stack.workdir}")
@@ -413,10 +419,11 @@ def derive(r: dict[str, Any]) -> None:
     if sb:
         r["system_vs_direct_batched"] = _ratio(sb["tokens_per_s"], db["tokens_per_s"])
         r["overhead_ms_per_job_batched"] = sb["ms_per_job"] - db["ms_per_job"]
-    if su:
+    if su and du:
         r["system_vs_direct_unbatched"] = _ratio(su["tokens_per_s"], du["tokens_per_s"])
         r["overhead_ms_per_job_unbatched"] = su["ms_per_job"] - du["ms_per_job"]
-    r["batching_gain_direct"] = _ratio(db["tokens_per_s"], du["tokens_per_s"])
+    if du:
+        r["batching_gain_direct"] = _ratio(db["tokens_per_s"], du["tokens_per_s"])
     if sb and su:
         r["batching_gain_system"] = _ratio(sb["tokens_per_s"], su["tokens_per_s"])
 
@@ -484,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submit-threads", type=int, default=4, help="producer threads of the steady load")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads in this process AND the worker (default: torch's own default)")
+    parser.add_argument("--worker-concurrency", type=int, default=None,
+                        help="task threads of the batched worker (default: the worker's own, = max_batch)")
     args = parser.parse_args(argv)
     if args.unbatched_jobs is None:
         args.unbatched_jobs = min(args.jobs, 128)

@@ -56,6 +56,8 @@ def run(device: str, models: Sequence[str] | None = None, *, concurrency: int | 
     """Start the worker for ``device`` and block until it shuts down."""
     from textnlp_jobs.inference.device import DeviceId
 
+    # Celery configures logging only when the worker starts; model loading comes before that.
+    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     settings = get_settings()
     dev = DeviceId.parse(device)
     pin_device(dev.kind, dev.index)
@@ -82,7 +84,8 @@ def run(device: str, models: Sequence[str] | None = None, *, concurrency: int | 
                             republish=lambda routings: publish_and_mark(app, settings, factory, routings))
     runtime.start()
     generation.install_runtime(runtime)
-    log.info("device_worker_starting device=%s models=%s queues=%s threads=%d", dev, names, queues, threads)
+    log.info("device_worker_starting device=%s models=%s queues=%s threads=%d cuda_visible_devices=%s torch_device=%s",
+             dev, names, queues, threads, os.environ.get("CUDA_VISIBLE_DEVICES"), dev.torch_device)
     try:
         app.worker_main([
             "worker", "--pool=threads", f"--concurrency={threads}", f"--queues={','.join(queues)}",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from textnlp_jobs.errors import OutOfMemoryError, TokenizationError
+from textnlp_jobs.metrics.registry import record_memory
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ class TransformersEngine:
                     torch.cuda.empty_cache()
                 raise OutOfMemoryError(f"out of memory at batch {len(requests)}") from error
             raise
+        record_memory(self.device)
         results = []
         for row, request in enumerate(requests):
             new = output[row, width:].tolist()[: request.max_new_tokens]

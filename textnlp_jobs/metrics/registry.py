@@ -54,3 +54,17 @@ def input_length_bucket(tokens: int) -> str:
         if tokens <= limit:
             return f"le_{limit}"
     return "gt_2048"
+
+
+def record_memory(torch_device: str) -> None:
+    """Sample device and process memory into ``textnlp_model_memory_usage_bytes``."""
+    import resource
+
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    MEMORY_USAGE.labels("cpu_max_rss").set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if torch_device.startswith("cuda"):
+        import torch
+
+        MEMORY_USAGE.labels("gpu_allocated").set(torch.cuda.memory_allocated())
+        MEMORY_USAGE.labels("gpu_reserved").set(torch.cuda.memory_reserved())
+        MEMORY_USAGE.labels("gpu_max_allocated").set(torch.cuda.max_memory_allocated())
