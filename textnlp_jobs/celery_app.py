@@ -35,7 +35,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE}},
         "task_default_queue": MAINTENANCE_QUEUE,
         "task_create_missing_queues": True,
-        "worker_send_task_events": True,
+        # Per-task events cost a publish each on the hot path; Flower switches them on when it
+        # connects (enable_events), and TEXTNLP_TASK_EVENTS=true turns them on from the start.
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "beat_schedule": build_schedule(settings.reconcile_interval_seconds),
         "timezone": "UTC",

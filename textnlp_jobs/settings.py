@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     # Per-model batching, e.g. {"small": {"max_batch": 32, "max_wait_ms": 50}}; "*" is the default.
     batching: dict[str, BatchingPolicy] = Field(default_factory=lambda: {"*": BatchingPolicy()})
 
+    # Task threads per device worker; None means two per batch slot (2 x the largest max_batch).
+    worker_concurrency: int | None = Field(None, ge=1, le=1024)
+
+    task_events: bool = False
+
     # Input limits: bad input is refused before anything is written.
     max_prompt_bytes: int = Field(16_384, ge=1)
     max_prompt_tokens: int = Field(1_024, ge=1)

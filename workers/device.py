@@ -1,9 +1,12 @@
 """One Celery worker per device.
 
 ``CUDA_VISIBLE_DEVICES`` is set before torch is imported, so the process sees only its own GPU
-(as ``cuda:0``). The pool is ``threads`` with concurrency = the largest ``max_batch`` of the
-models placed here: each thread carries one job into the device's single batching loop. Models
-are loaded and warmed up before the worker consumes its first message.
+(as ``cuda:0``). The pool is ``threads``: each thread carries one job into the device's single
+batching loop. There are two threads per batch slot (2 x the largest ``max_batch`` of the models
+placed here) so the next batch gathers while one runs: with only ``max_batch`` threads every
+thread is parked in the running batch, the device idles while they write and fetch, and batches
+come out half full (measured in bench/: 0.59 of direct generate at B=32 against 0.9 with two).
+Models are loaded and warmed up before the worker consumes its first message.
 
     python -m workers.device --device cuda.0
 """
@@ -66,6 +69,9 @@ def run(device: str, models: Sequence[str] | None = None, *, concurrency: int | 
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    # The inference loop re-takes the GIL after every torch op; when a task thread holds it, the
+    # loop waits up to the switch interval (5 ms by default) each time. Shorter keeps the device fed.
+    sys.setswitchinterval(0.0005)
     if dev.kind == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError(f"device {dev} requested but CUDA is not available")
 
@@ -79,7 +85,7 @@ def run(device: str, models: Sequence[str] | None = None, *, concurrency: int | 
     factory = session_factory(settings)
     engines = load_engines(settings, factory, dev, names)
     queues = [generation_queue(m) for m in names] + [device_queue(settings.node_name, str(dev))]
-    threads = concurrency or max(settings.batching_for(m).max_batch for m in names)
+    threads = concurrency or settings.worker_concurrency or 2 * max(settings.batching_for(m).max_batch for m in names)
     runtime = DeviceRuntime(settings, factory, engines, worker_name=f"{settings.node_name}/{dev}",
                             republish=lambda routings: publish_and_mark(app, settings, factory, routings))
     runtime.start()

@@ -76,6 +76,7 @@ class MicroBatcher:
         self.drop_filter = drop_filter
         self.name = name
         self._pending: deque[PendingJob] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._changed = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -91,6 +92,15 @@ class MicroBatcher:
             self._pending.append(pending)
             self._changed.notify()
         return pending.future
+
+    def call_on_loop(self, function: Callable[[], Any]) -> Future[Any]:
+        """Run ``function`` on the loop thread, between batches (e.g. warm-up). Torch work done on
+        another thread would start a second OpenMP pool that competes with the loop's on CPUs."""
+        future: Future[Any] = Future()
+        with self._changed:
+            self._calls.append((function, future))
+            self._changed.notify()
+        return future
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
@@ -110,6 +120,7 @@ class MicroBatcher:
     # --- the loop's side -------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            self._run_calls()
             batch = self._next_batch()
             if batch is None:
                 return
@@ -125,6 +136,8 @@ class MicroBatcher:
             while True:
                 if self._stopping:
                     return None
+                if self._calls:
+                    return []
                 if not self._pending:
                     self._changed.wait()
                     continue
@@ -138,7 +151,20 @@ class MicroBatcher:
                     return mates
                 self._changed.wait(remaining)
 
+    def _run_calls(self) -> None:
+        while True:
+            with self._changed:
+                if not self._calls:
+                    return
+                function, future = self._calls.popleft()
+            try:
+                future.set_result(function())
+            except BaseException as error:  # handed to the caller, who decides
+                future.set_exception(error)
+
     def _run(self, batch: list[PendingJob]) -> None:
+        if not batch:  # woken for a call_on_loop, not for jobs
+            return
         if self.drop_filter is not None:
             try:
                 dropped = self.drop_filter(batch)

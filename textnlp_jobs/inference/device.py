@@ -60,16 +60,14 @@ class DeviceId:
 
 def load_engines(settings: Settings, factory: sessionmaker[Session], device: DeviceId,
                  models: Sequence[str]) -> dict[str, Engine]:
-    """Load every model placed on ``device`` once, and warm each up."""
+    """Load every model placed on ``device`` once (``DeviceRuntime.start`` warms them up)."""
     from textnlp_jobs.inference.engine import TransformersEngine
 
     engines: dict[str, Engine] = {}
     for name in models:
         with factory() as session:
             resolved = store.resolve(session, name)
-        engine = TransformersEngine(name, resolved.version, resolved.path, device.torch_device)
-        engine.warm_up()
-        engines[name] = engine
+        engines[name] = TransformersEngine(name, resolved.version, resolved.path, device.torch_device)
         log.info("model_loaded model=%s version=%s device=%s", name, resolved.version, device)
     return engines
 
@@ -88,7 +86,12 @@ class DeviceRuntime:
                                     name=worker_name)
 
     def start(self) -> None:
+        """Start the batching loop and warm every model up on it, before any job arrives."""
         self.batcher.start()
+        for engine in self.engines.values():
+            warm_up = getattr(engine, "warm_up", None)
+            if warm_up is not None:
+                self.batcher.call_on_loop(warm_up).result(timeout=self.settings.max_job_seconds)
 
     def stop(self) -> None:
         self.batcher.stop()
