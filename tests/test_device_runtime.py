@@ -1,0 +1,85 @@
+"""The per-job protocol of a device (claim, batch, write once) against the real ledger, with the
+stub engine so the test can hold a batch open."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from textnlp_jobs.client import Client
+from textnlp_jobs.inference.device import DeviceRuntime
+from textnlp_jobs.inference.engine import StubEngine
+from textnlp_jobs.local_stack import LocalStack
+
+from .helpers import job_specs, result_writes
+
+pytestmark = [pytest.mark.integration]
+
+
+def start_runtime(client: Client, engine: StubEngine) -> DeviceRuntime:
+    runtime = DeviceRuntime(client.settings, client.sessions, {"demo": engine}, worker_name="test/cpu.0",
+                            republish=lambda routings: None)
+    runtime.start()
+    return runtime
+
+
+def run_in_thread(runtime: DeviceRuntime, job_id: uuid.UUID, outcomes: dict[uuid.UUID, str]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: outcomes.__setitem__(job_id, runtime.run_job(job_id)))
+    thread.start()
+    return thread
+
+
+def wait_for_status(client: Client, job_id: uuid.UUID, status: str) -> None:
+    for _ in range(200):
+        if client.get(job_id).status == status:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{job_id} never became {status}")
+
+
+def test_a_job_cancelled_while_its_batch_gathers_is_never_generated(stack: LocalStack) -> None:
+    client = Client(stack.settings(batching={"*": {"max_batch": 3, "max_wait_ms": 10_000}}))
+    first, second, third = client.submit_many(job_specs(3))
+    engine = StubEngine("demo")
+    runtime = start_runtime(client, engine)
+    outcomes: dict[uuid.UUID, str] = {}
+    threads = [run_in_thread(runtime, job.id, outcomes) for job in (first, second)]
+    wait_for_status(client, first.id, "running")  # claimed, waiting in the batcher
+    client.cancel(first.id)
+    threads.append(run_in_thread(runtime, third.id, outcomes))  # fills the batch: it runs now
+    for thread in threads:
+        thread.join(10)
+    runtime.stop()
+    assert outcomes == {first.id: "cancelled", second.id: "succeeded", third.id: "succeeded"}
+    assert engine.batches == [2]
+    cancelled = client.get(first.id)
+    assert (cancelled.status, cancelled.text) == ("cancelled", None)
+    assert result_writes(client, [first.id, second.id, third.id]) == {str(second.id): 1, str(third.id): 1}
+
+
+def test_a_second_delivery_of_a_finished_job_writes_nothing(stack: LocalStack) -> None:
+    client = Client(stack.settings())
+    (job,) = client.submit_many(job_specs(1))
+    runtime = start_runtime(client, StubEngine("demo"))
+    try:
+        assert runtime.run_job(job.id) == "succeeded"
+        assert runtime.run_job(job.id) == "not_queued"  # the broker redelivered the same message
+    finally:
+        runtime.stop()
+    assert result_writes(client, [job.id]) == {str(job.id): 1}
+
+
+def test_an_out_of_memory_batch_is_split_and_every_job_completes(stack: LocalStack) -> None:
+    client = Client(stack.settings(batching={"*": {"max_batch": 4, "max_wait_ms": 2_000}}))
+    jobs = client.submit_many(job_specs(4))
+    engine = StubEngine("demo", fail_above=1)
+    runtime = start_runtime(client, engine)
+    outcomes: dict[uuid.UUID, str] = {}
+    for thread in [run_in_thread(runtime, job.id, outcomes) for job in jobs]:
+        thread.join(10)
+    runtime.stop()
+    assert set(outcomes.values()) == {"succeeded"}
+    assert engine.batches == [1, 1, 1, 1]
