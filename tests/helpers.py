@@ -57,3 +57,11 @@ def result_writes(client: Client, ids: Sequence[uuid.UUID]) -> dict[str, int]:
             .group_by(AuditLog.entity_id)
         ).all()
     return {entity: count for entity, count in rows if entity in wanted}
+
+
+def assert_each_succeeded_exactly_once(client: Client, ids: Sequence[uuid.UUID], final: dict[str, int],
+                                       log_tail: str = "") -> None:
+    """Every job succeeded and its result was written once: nothing lost, nothing twice."""
+    assert final == {"succeeded": len(ids)}, log_tail
+    writes = result_writes(client, ids)
+    assert len(writes) == len(ids) and set(writes.values()) == {1}

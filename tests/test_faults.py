@@ -6,25 +6,31 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 
 import pytest
 import redis
 
 from textnlp_jobs.client import Client
-from textnlp_jobs.local_stack import LocalStack, keep_ownership
+from textnlp_jobs.local_stack import LocalStack, WorkerProcess, keep_ownership
 from workers.device import worker_hostname
 
-from .helpers import job_specs, result_writes, wait_until_final
+from .helpers import assert_each_succeeded_exactly_once, job_specs, wait_until_final
+
+
+def start_run(stack: LocalStack, count: int) -> tuple[WorkerProcess, Client, list[uuid.UUID]]:
+    """A device worker and ``count`` jobs submitted to it, the worker ready."""
+    worker = stack.device_worker("cpu.0").start()
+    client = Client(stack.settings())
+    ids = [job.id for job in client.submit_many(job_specs(count, max_new_tokens=24))]
+    stack.wait_ready(worker_hostname(stack.settings(), "cpu.0"))
+    return worker, client, ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_a_worker_killed_three_times_mid_batch_loses_no_job_and_writes_none_twice(stack: LocalStack) -> None:
-    worker = stack.device_worker("cpu.0").start()
-    client = Client(stack.settings())
-    jobs = client.submit_many(job_specs(200, max_new_tokens=24))
-    ids = [job.id for job in jobs]
-    stack.wait_ready(worker_hostname(stack.settings(), "cpu.0"))
+    worker, client, ids = start_run(stack, 200)
     kill_points = [30, 80, 130]
     kills = []
 
@@ -38,18 +44,12 @@ def test_a_worker_killed_three_times_mid_batch_loses_no_job_and_writes_none_twic
 
     final = wait_until_final(client, ids, timeout=420, reconcile_every=2.0, during=kill_on_progress)
     assert len(kills) == 3 and all(running > 0 for running in kills), (kills, final)
-    assert final == {"succeeded": 200}, worker.log_tail()
-    writes = result_writes(client, ids)
-    assert len(writes) == 200 and set(writes.values()) == {1}
+    assert_each_succeeded_exactly_once(client, ids, final, worker.log_tail())
     assert max(job.attempts for job in client.get_many(ids)) >= 2  # some jobs really were re-run
 
 
 def test_a_flushed_redis_mid_run_is_repaired_by_the_reconciler(stack: LocalStack) -> None:
-    worker = stack.device_worker("cpu.0").start()
-    client = Client(stack.settings())
-    jobs = client.submit_many(job_specs(200, max_new_tokens=24))
-    ids = [job.id for job in jobs]
-    stack.wait_ready(worker_hostname(stack.settings(), "cpu.0"))
+    worker, client, ids = start_run(stack, 200)
     flushed = []
 
     def flush_mid_run(counts: dict[str, int]) -> None:
@@ -63,9 +63,7 @@ def test_a_flushed_redis_mid_run_is_repaired_by_the_reconciler(stack: LocalStack
 
     final = wait_until_final(client, ids, timeout=300, reconcile_every=2.0, during=flush_mid_run)
     assert flushed and flushed[0] > 0, "the flush happened while messages were waiting"
-    assert final == {"succeeded": 200}, worker.log_tail()
-    writes = result_writes(client, ids)
-    assert len(writes) == 200 and set(writes.values()) == {1}
+    assert_each_succeeded_exactly_once(client, ids, final, worker.log_tail())
 
 
 def restart_postgresql() -> None:
@@ -82,11 +80,7 @@ def restart_postgresql() -> None:
 @pytest.mark.skipif(not shutil.which("pg_ctlcluster") or os.geteuid() != 0,
                     reason="restarting PostgreSQL needs pg_ctlcluster as root")
 def test_a_postgresql_restart_mid_run_loses_no_job_and_writes_none_twice(stack: LocalStack) -> None:
-    worker = stack.device_worker("cpu.0").start()
-    client = Client(stack.settings())
-    jobs = client.submit_many(job_specs(120, max_new_tokens=24))
-    ids = [job.id for job in jobs]
-    stack.wait_ready(worker_hostname(stack.settings(), "cpu.0"))
+    worker, client, ids = start_run(stack, 120)
     restarted = []
 
     def restart_mid_run(counts: dict[str, int]) -> None:
@@ -96,6 +90,4 @@ def test_a_postgresql_restart_mid_run_loses_no_job_and_writes_none_twice(stack: 
 
     final = wait_until_final(client, ids, timeout=300, reconcile_every=2.0, during=restart_mid_run)
     assert restarted
-    assert final == {"succeeded": 120}, worker.log_tail()
-    writes = result_writes(client, ids)
-    assert len(writes) == 120 and set(writes.values()) == {1}
+    assert_each_succeeded_exactly_once(client, ids, final, worker.log_tail())
