@@ -53,3 +53,49 @@ def test_bad_input_exits_2_with_the_field_and_the_limit(embedded_stack: LocalSta
 def test_flower_refuses_to_start_without_credentials(embedded_stack: LocalStack) -> None:
     refused = cli(embedded_stack, "flower", timeout=60)
     assert refused.returncode == 2 and "TEXTNLP_FLOWER_BASIC_AUTH" in refused.stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_flower_answers_only_with_its_credentials(embedded_stack: LocalStack) -> None:
+    import base64
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    env = embedded_stack.process_env({"TEXTNLP_FLOWER_BASIC_AUTH": "ops:s3cret-pass"})
+    flower = subprocess.Popen([sys.executable, "-m", "textnlp_jobs.cli", "flower", "--port", str(port)], cwd=REPO_ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def status(credentials: str | None) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/")
+        if credentials:
+            request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    try:
+        for _ in range(120):
+            try:
+                first = status(None)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.25)
+        else:
+            raise AssertionError("Flower did not start")
+        assert first == 401
+        assert status("ops:wrong") == 401
+        assert status("ops:s3cret-pass") == 200
+    finally:
+        flower.terminate()
+        flower.wait(20)

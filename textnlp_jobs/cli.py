@@ -237,7 +237,11 @@ def beat(loglevel: Annotated[str, typer.Option(envvar="TEXTNLP_LOGLEVEL")] = "IN
 
 
 @app.command()
-def flower(port: Annotated[int, typer.Option(envvar="TEXTNLP_FLOWER_PORT")] = 5555) -> None:
+def flower(
+    port: Annotated[int, typer.Option(envvar="TEXTNLP_FLOWER_PORT")] = 5555,
+    address: Annotated[str, typer.Option(envvar="TEXTNLP_FLOWER_ADDRESS", help="0.0.0.0 in a container.")]
+    = "127.0.0.1",
+) -> None:
     """Run Flower; refuses to start without TEXTNLP_FLOWER_BASIC_AUTH=user:password."""
     credentials = os.environ.get("TEXTNLP_FLOWER_BASIC_AUTH")
     if not credentials or ":" not in credentials:
@@ -246,7 +250,7 @@ def flower(port: Annotated[int, typer.Option(envvar="TEXTNLP_FLOWER_PORT")] = 55
     from textnlp_jobs.celery_app import app as celery
 
     os.environ["FLOWER_BASIC_AUTH"] = credentials  # read by Flower, never put on a command line
-    celery.start(["flower", f"--port={port}", "--address=127.0.0.1"])
+    celery.start(["flower", f"--port={port}", f"--address={address}"])
 
 
 # --- operators ----------------------------------------------------------------------------
