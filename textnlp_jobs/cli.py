@@ -17,9 +17,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from textnlp_jobs.display import job_table, progress_bar
 from textnlp_jobs.errors import TextNLPError
 from textnlp_jobs.settings import Settings, get_settings
 
@@ -37,27 +37,12 @@ console = Console()
 log = logging.getLogger(__name__)
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
-
-
 def ensure_ledger(settings: Settings) -> None:
     """The embedded ledger migrates itself on first use; PostgreSQL waits for `db upgrade`."""
     if settings.database_url is None:
         from textnlp_jobs.db.migrate import upgrade
 
         upgrade(settings.database_url_value())
-
-
-def _job_table(jobs: list[Any], *, text_width: int = 60) -> Table:
-    table = Table("id", "status", "model", "tokens", "attempts", "text / error")
-    for job in jobs:
-        detail = job.text if job.status == "succeeded" else (job.error_code or "")
-        detail = (detail or "").replace("\n", " ")
-        table.add_row(str(job.id), job.status, job.model, str(job.tokens_generated or ""), str(job.attempts),
-                      detail[:text_width])
-    return table
 
 
 # --- producers ----------------------------------------------------------------------------
@@ -90,20 +75,20 @@ def submit(
         spec["max_new_tokens"] = max_new_tokens
     specs = [dict(spec, idempotency_key=f"{idempotency_key}:{i}" if idempotency_key and count > 1
                   else idempotency_key) for i in range(count)]
-    with _progress() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("submitting", total=len(specs))
         jobs = client.submit_many(specs, progress=lambda n: bar.advance(task, n))
     if not wait:
         for job in jobs:
             console.print(str(job.id))
         return
-    with _progress() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("waiting", total=len(jobs))
         done = client.wait([j.id for j in jobs], timeout, progress=lambda n: bar.advance(task, n))
     if len(done) == 1 and done[0].status == "succeeded":
         console.print(done[0].text, markup=False, highlight=False)
     else:
-        console.print(_job_table(done))
+        console.print(job_table(done))
     if any(j.status != "succeeded" for j in done):
         raise typer.Exit(1)
 
@@ -114,7 +99,7 @@ def status(job_id: str) -> None:
     from textnlp_jobs.client import Client
 
     job = Client().get(job_id)
-    console.print(_job_table([job], text_width=200))
+    console.print(job_table([job], text_width=200))
 
 
 @app.command("wait")
@@ -122,10 +107,10 @@ def wait_command(job_ids: list[str], timeout: Annotated[float, typer.Option()] =
     """Wait until the jobs finish; exit 1 unless all succeeded."""
     from textnlp_jobs.client import Client
 
-    with _progress() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("waiting", total=len(job_ids))
         jobs = Client().wait(job_ids, timeout, progress=lambda n: bar.advance(task, n))
-    console.print(_job_table(jobs))
+    console.print(job_table(jobs))
     if any(j.status != "succeeded" for j in jobs):
         raise typer.Exit(1)
 
@@ -148,7 +133,7 @@ def jobs_list(
     """The newest jobs, optionally by status or model."""
     from textnlp_jobs.client import Client
 
-    console.print(_job_table(Client().list(status=status_filter, model=model, limit=limit)))
+    console.print(job_table(Client().list(status=status_filter, model=model, limit=limit)))
 
 
 # --- workers and services -------------------------------------------------------------------
@@ -273,7 +258,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
     console.print(f"ledger at {revision}")
 
 
-def bootstrap_model(settings: Settings, name: str, *, show_progress: bool = True) -> tuple[str, Path]:
+def bootstrap_model(settings: Settings, name: str) -> tuple[str, Path]:
     """Build model ``name`` into the store and register it; returns (version, path)."""
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.inference import store
@@ -281,7 +266,7 @@ def bootstrap_model(settings: Settings, name: str, *, show_progress: bool = True
 
     if name not in RECIPES:
         raise TextNLPError(f"no recipe for model {name!r} (known: {', '.join(RECIPES)})", code="models.unknown_recipe")
-    with _progress() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task(f"building {name}", total=RECIPES[name].train_steps or 1)
 
         def build(target: Path) -> None:

@@ -8,6 +8,7 @@ import time
 
 from rich.console import Console
 
+from textnlp_jobs.display import job_table, progress_bar
 from textnlp_jobs.settings import Settings
 
 DEMO_PROMPTS = [
@@ -34,7 +35,7 @@ def _wait_for_worker(settings: Settings, hostname: str, timeout: float) -> bool:
 
 
 def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: float, console: Console) -> None:
-    from textnlp_jobs.cli import _job_table, _progress, bootstrap_model, ensure_ledger, stop_processes
+    from textnlp_jobs.cli import bootstrap_model, ensure_ledger, stop_processes
     from textnlp_jobs.client import Client
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.inference import store
@@ -61,13 +62,13 @@ def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: flo
             console.print("[yellow]the device worker did not answer a ping yet; submitting anyway[/yellow]")
         client = Client(settings)
         prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(jobs)]
-        with _progress() as bar:
+        with progress_bar(console) as bar:
             task = bar.add_task("submitted", total=jobs)
             submitted = client.submit_many([{"prompt": p, "model": "demo", "max_new_tokens": max_new_tokens}
                                             for p in prompts], progress=lambda n: bar.advance(task, n))
             task = bar.add_task("finished", total=jobs)
             done = client.wait([j.id for j in submitted], timeout, progress=lambda n: bar.advance(task, n))
-        table = _job_table(done, text_width=50)
+        table = job_table(done, text_width=50)
         console.print(table)
         ok = sum(j.status == "succeeded" for j in done)
         console.print(f"{ok}/{len(done)} succeeded")
