@@ -7,8 +7,9 @@ import sys
 import time
 
 from rich.console import Console
+from rich.table import Table
 
-from textnlp_jobs.display import job_table, progress_bar
+from textnlp_jobs.display import progress_bar
 from textnlp_jobs.settings import Settings
 
 DEMO_PROMPTS = [
@@ -64,11 +65,17 @@ def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: flo
         prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(jobs)]
         with progress_bar(console) as bar:
             task = bar.add_task("submitted", total=jobs)
-            submitted = client.submit_many([{"prompt": p, "model": "demo", "max_new_tokens": max_new_tokens}
-                                            for p in prompts], progress=lambda n: bar.advance(task, n))
+            # Seeded sampling: a 1M-parameter model reads better sampled than greedy, and the
+            # seed makes every run of the demo print the same text.
+            specs = [{"prompt": p, "model": "demo", "max_new_tokens": max_new_tokens, "temperature": 0.9,
+                      "top_p": 0.95, "seed": seed} for seed, p in enumerate(prompts)]
+            submitted = client.submit_many(specs, progress=lambda n: bar.advance(task, n))
             task = bar.add_task("finished", total=jobs)
             done = client.wait([j.id for j in submitted], timeout, progress=lambda n: bar.advance(task, n))
-        table = job_table(done, text_width=50)
+        table = Table("prompt", "continuation", "tokens", "batch", "status")
+        for prompt, job in zip(prompts, done, strict=True):
+            table.add_row(prompt, (job.text or job.error_code or "").strip(), str(job.tokens_generated or ""),
+                          str(job.batch_size or ""), job.status)
         console.print(table)
         ok = sum(j.status == "succeeded" for j in done)
         console.print(f"{ok}/{len(done)} succeeded")
