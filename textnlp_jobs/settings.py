@@ -13,14 +13,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class BatchingPolicy(BaseSettings):
+class BatchingPolicy(BaseModel):
     """How one model's jobs are gathered into batches on a device."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     max_batch: int = Field(16, ge=1, le=512)
     max_wait_ms: float = Field(20.0, ge=0, le=10_000)
