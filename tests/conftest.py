@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -54,22 +55,22 @@ def register_models(settings_store: Path, database_url: str) -> None:
                 store.register_version(session, model_dir.name, version_dir)
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def _service(scratch: Callable[[], AbstractContextManager[str]]) -> Iterator[str]:
     try:
-        with local_stack.scratch_postgres() as url:
+        with scratch() as url:
             yield url
     except local_stack.ServiceUnavailable as error:
         _unavailable(error)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    yield from _service(local_stack.scratch_postgres)
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    try:
-        with local_stack.scratch_redis() as url:
-            yield url
-    except local_stack.ServiceUnavailable as error:
-        _unavailable(error)
+    yield from _service(local_stack.scratch_redis)
 
 
 @pytest.fixture(scope="session")

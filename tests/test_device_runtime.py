@@ -83,3 +83,21 @@ def test_an_out_of_memory_batch_is_split_and_every_job_completes(stack: LocalSta
     runtime.stop()
     assert set(outcomes.values()) == {"succeeded"}
     assert engine.batches == [1, 1, 1, 1]
+
+
+def test_a_job_waiting_when_the_worker_stops_goes_back_to_the_queue_and_is_republished(stack: LocalStack) -> None:
+    client = Client(stack.settings(batching={"*": {"max_batch": 4, "max_wait_ms": 10_000}}))
+    (job,) = client.submit_many(job_specs(1))
+    republished: list[object] = []
+    runtime = DeviceRuntime(client.settings, client.sessions, {"demo": StubEngine("demo")},
+                            worker_name="test/cpu.0", republish=republished.extend)
+    runtime.start()
+    outcomes: dict[uuid.UUID, str] = {}
+    thread = run_in_thread(runtime, job.id, outcomes)
+    wait_for_status(client, job.id, "running")
+    runtime.stop()
+    thread.join(10)
+    assert outcomes == {job.id: "released"}
+    after = client.get(job.id)
+    assert (after.status, after.attempts) == ("queued", 0)
+    assert [r.id for r in republished] == [job.id]  # type: ignore[attr-defined]

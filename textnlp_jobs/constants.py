@@ -17,10 +17,6 @@ REDIS_KEY_PREFIX: Final = "textnlp:"
 # kombu's Redis transport keeps delivered-but-unacked messages under these keys.
 KOMBU_UNACKED_KEY: Final = "unacked"
 KOMBU_UNACKED_INDEX_KEY: Final = "unacked_index"
-KOMBU_PRIORITY_SEPARATOR: Final = "\x06\x16"
-
-DEMO_MODEL: Final = "demo"
-SMALL_MODEL: Final = "small"
 
 
 def generation_queue(model: str) -> str:

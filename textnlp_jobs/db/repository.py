@@ -165,7 +165,8 @@ def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
             })
         session.execute(insert(Prompt), prompt_rows)
         session.execute(insert(Generation), generation_rows)
-    by_id = {r.id: r for r in get_jobs(session, [j.id for j in fresh])}
+    # The rows just written are known in full: no need to read them back.
+    by_id = {job.id: _new_record(job, now) for job in fresh}
     out: list[Job] = []
     for job in jobs:
         if job.idempotency_key and job.idempotency_key in existing:
@@ -175,6 +176,17 @@ def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
         else:
             out.append(by_id[job.id])
     return out
+
+
+def _new_record(job: NewJob, created_at: datetime) -> Job:
+    return Job(
+        id=job.id, status=JobStatus.QUEUED.value, model=job.model, model_version=None, params=job.params,
+        max_new_tokens=job.max_new_tokens, priority=job.priority, device=job.device,
+        idempotency_key=job.idempotency_key, attempts=0, max_attempts=job.max_attempts, deadline=job.deadline,
+        text=None, prompt_tokens=job.prompt_tokens, tokens_generated=None, mean_logprob=None, batch_size=None,
+        queue_wait_seconds=None, inference_seconds=None, error_code=None, error_message=None, worker=None,
+        created_at=created_at, started_at=None, finished_at=None,
+    )
 
 
 def insert_jobs_once(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
@@ -350,13 +362,16 @@ def write_failure(
     return status.value
 
 
-def release(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
-    """Give a claimed job back to the queue without counting the attempt (clean shutdown)."""
+def release(session: Session, job_id: uuid.UUID, attempt: int) -> Routing | None:
+    """Give a claimed job back to the queue without counting the attempt (clean shutdown).
+    Returns what its new message needs, or None when the row was not ours."""
     g = Generation
-    return bool(session.execute(
+    row = session.execute(
         update(g).where(_owned_by(job_id, attempt))
         .values(status=JobStatus.QUEUED.value, attempts=g.attempts - 1, lease_expires_at=None, updated_at=utcnow())
-    ).rowcount)  # type: ignore[attr-defined]
+        .returning(g.id, g.model, g.device, g.priority)
+    ).first()
+    return Routing(row.id, row.model, row.device, row.priority) if row else None
 
 
 def cancelled_or_overdue(session: Session, claims: Sequence[tuple[uuid.UUID, int]]) -> set[uuid.UUID]:

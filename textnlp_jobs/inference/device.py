@@ -162,12 +162,9 @@ class DeviceRuntime:
 
     def _give_back(self, job: repo.ClaimedJob) -> str:
         with self.sessions.begin() as session:
-            released = repo.release(session, job.id, job.attempt)
-        if released:
-            with self.sessions() as session:
-                record = repo.get_job(session, job.id)
-            if record is not None:
-                self.republish([repo.Routing(record.id, record.model, record.device, record.priority)])
+            routing = repo.release(session, job.id, job.attempt)
+        if routing is not None:
+            self.republish([routing])
         return "released"
 
     def _failed(self, job: repo.ClaimedJob, error: TextNLPError, *, retry: bool) -> str:
