@@ -36,7 +36,9 @@ def _wait_for_worker(settings: Settings, hostname: str, timeout: float) -> bool:
 
 
 def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: float, console: Console) -> None:
-    from textnlp_jobs.cli import bootstrap_model, ensure_ledger, stop_processes
+    from textnlp_jobs.cli.base import ensure_ledger
+    from textnlp_jobs.cli.models import bootstrap_model
+    from textnlp_jobs.cli.services import stop_processes
     from textnlp_jobs.client import Client
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.inference import store

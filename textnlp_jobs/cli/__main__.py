@@ -1,0 +1,3 @@
+from textnlp_jobs.cli import main
+
+main()
