@@ -78,6 +78,8 @@ def run(device: str, models: Sequence[str] | None = None, *, concurrency: int | 
     from textnlp_jobs.celery_app import app
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.inference.device import DeviceRuntime, load_engines
+    from textnlp_jobs.maintenance.health import announce_device, retire_device
+    from textnlp_jobs.metrics.push import DEVICE_WORKER_JOB, start_worker_metrics, stop_worker_metrics
     from textnlp_jobs.publish import publish_and_mark
     from textnlp_jobs.tasks import generation
 
@@ -90,15 +92,20 @@ def run(device: str, models: Sequence[str] | None = None, *, concurrency: int | 
                             republish=lambda routings: publish_and_mark(app, settings, factory, routings))
     runtime.start()
     generation.install_runtime(runtime)
+    hostname = worker_hostname(settings, str(dev))
+    start_worker_metrics(settings, DEVICE_WORKER_JOB, str(dev), device=str(dev))
+    announce_device(settings, str(dev), hostname)
     log.info("device_worker_starting device=%s models=%s queues=%s threads=%d cuda_visible_devices=%s torch_device=%s",
              dev, names, queues, threads, os.environ.get("CUDA_VISIBLE_DEVICES"), dev.torch_device)
     try:
         app.worker_main([
             "worker", "--pool=threads", f"--concurrency={threads}", f"--queues={','.join(queues)}",
-            f"--hostname={worker_hostname(settings, str(dev))}", f"--loglevel={loglevel}",
+            f"--hostname={hostname}", f"--loglevel={loglevel}",
             "--without-gossip", "--without-mingle",
         ])
+        retire_device(settings, str(dev))  # a clean stop: health.check no longer expects this device
     finally:
+        stop_worker_metrics()
         generation.install_runtime(None)
         runtime.stop()
 

@@ -15,8 +15,10 @@ from textnlp_jobs.settings import get_settings
 
 def run(*, loglevel: str = "INFO", concurrency: int = 2) -> None:
     from textnlp_jobs.celery_app import app
+    from textnlp_jobs.metrics.push import MAINTENANCE_WORKER_JOB, start_worker_metrics
 
     settings = get_settings()
+    start_worker_metrics(settings, MAINTENANCE_WORKER_JOB, "maintenance")
     app.worker_main([
         "worker", "--pool=threads", f"--concurrency={concurrency}", f"--queues={MAINTENANCE_QUEUE}",
         f"--hostname=maintenance@{settings.node_name}", f"--loglevel={loglevel}",

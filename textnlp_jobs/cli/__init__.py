@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from textnlp_jobs.cli import db, jobs, maintenance, models, services  # noqa: F401  (registers commands)
+from textnlp_jobs.cli import db, health, jobs, maintenance, models, services  # noqa: F401  (registers commands)
 from textnlp_jobs.cli.base import app, console
 from textnlp_jobs.errors import TextNLPError
 
