@@ -109,6 +109,10 @@ DB_DEAD_TUPLES = Gauge(
 REDIS_MEMORY = Gauge(
     "textnlp_redis_memory_used_bytes", "Memory Redis reports in use (INFO memory used_memory).", registry=REGISTRY,
 )
+MAINTENANCE_PERIOD = Gauge(
+    "textnlp_maintenance_period_seconds", "How often a maintenance task is scheduled (alerts use twice this).",
+    ["task"], registry=REGISTRY,
+)
 PUSHGATEWAY_GROUPS_EXPIRED = Counter(
     "textnlp_pushgateway_groups_expired_total", "Pushgateway groups of silent workers deleted.", registry=REGISTRY,
 )
