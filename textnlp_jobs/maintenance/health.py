@@ -295,7 +295,8 @@ def _check_disk(report: HealthReport, settings: Settings) -> None:
             status = DOWN
         elif ratio < settings.health_disk_free_degraded_ratio:
             status = DEGRADED
-        report.add(f"disk {volume}", status, usage.free, f"{usage.free / 2**30:.1f} GiB ({ratio:.0%}) free under {path}")
+        report.add(f"disk {volume}", status, usage.free,
+                   f"{usage.free / 2**30:.1f} GiB ({ratio:.0%}) free under {path}")
 
 
 def check_health(settings: Settings, factory: sessionmaker[Session], celery: Celery,
@@ -308,8 +309,11 @@ def check_health(settings: Settings, factory: sessionmaker[Session], celery: Cel
     consumers: dict[str, int] | None = None
     depths: dict[str, int] = {}
     if broker_up:
-        depths = _queue_depths(settings)
-        consumers = _check_workers(report, settings, celery)
+        try:
+            depths = _queue_depths(settings)
+            consumers = _check_workers(report, settings, celery)
+        except Exception as error:  # the broker went away between the checks
+            report.add("workers", DOWN, None, f"broker: {type(error).__name__}")
     else:  # a ping through a dead broker would wait on reconnects; say why instead
         for device in known_devices(settings) if not _is_redis(settings) else []:
             report.add(f"worker {device}", DOWN, None, "broker down")
