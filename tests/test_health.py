@@ -32,6 +32,10 @@ def check(settings: Settings) -> HealthReport:
         celery.close()
 
 
+def not_ok(report: HealthReport) -> list[tuple[str, str, str]]:
+    return [(c.name, c.status, c.detail) for c in report.components if c.status != "ok"]
+
+
 def component(report: HealthReport, name: str) -> Component:
     (found,) = [c for c in report.components if c.name == name]
     return found
@@ -57,11 +61,11 @@ def test_health_reports_a_stopped_redis_down_and_ok_again_once_it_is_back(stack:
         broker = f"redis://127.0.0.1:{server.port}/0"
         settings = stack.settings(broker_url=broker, health_ping_timeout_seconds=0.5)
         before = check(settings)
-        assert component(before, "broker").status == "ok" and before.status == "ok", before.as_dict()
+        assert component(before, "broker").status == "ok" and before.status == "ok", not_ok(before)
 
         server.stop()
         during = check(settings)
-        assert component(during, "broker").status == "down" and during.status == "down", during.as_dict()
+        assert component(during, "broker").status == "down" and during.status == "down", not_ok(during)
         assert component(during, "database").status == "ok"
         code, printed = health_cli(stack.process_env({"TEXTNLP_BROKER_URL": broker,
                                                       "TEXTNLP_HEALTH_PING_TIMEOUT_SECONDS": "0.5"}))
@@ -70,7 +74,7 @@ def test_health_reports_a_stopped_redis_down_and_ok_again_once_it_is_back(stack:
         server.start()
         wait_for(lambda: redis_answers(server), 30, "the scratch Redis is back")
         after = check(settings)
-        assert component(after, "broker").status == "ok" and after.status == "ok", after.as_dict()
+        assert component(after, "broker").status == "ok" and after.status == "ok", not_ok(after)
     finally:
         server.stop()
 
@@ -81,19 +85,19 @@ def test_health_reports_a_killed_device_worker_down_and_ok_again_after_its_resta
     worker = stack.device_worker("cpu.0").start()
     stack.wait_ready(hostname)
     before = check(settings)
-    assert component(before, "worker testnode/cpu.0").status == "ok", before.as_dict()
+    assert component(before, "worker testnode/cpu.0").status == "ok", not_ok(before)
     assert component(before, "worker testnode/cpu.0").value == "demo"  # the models it serves
     assert "1 consumer(s)" in component(before, "queue textnlp.gen.demo").detail
 
     worker.kill()
     during = check(settings)
-    assert component(during, "worker testnode/cpu.0").status == "down", during.as_dict()
+    assert component(during, "worker testnode/cpu.0").status == "down", not_ok(during)
     assert during.status == "down"
 
     worker.start()
     stack.wait_ready(hostname)
     after = check(settings)
-    assert component(after, "worker testnode/cpu.0").status == "ok" and after.status == "ok", after.as_dict()
+    assert component(after, "worker testnode/cpu.0").status == "ok" and after.status == "ok", not_ok(after)
 
     worker.stop()  # a clean stop: the device is no longer expected
     time.sleep(0.5)
