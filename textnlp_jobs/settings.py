@@ -95,7 +95,8 @@ class Settings(BaseSettings):
     def broker_url_value(self) -> str:
         if self.broker_url is not None:
             return self.broker_url.get_secret_value()
-        return "filesystem://"
+        # kombu warns "No hostname was supplied" for a bare filesystem:// (the host is unused).
+        return "filesystem://localhost/"
 
     def broker_folder(self) -> Path:
         return self.home / "broker"

@@ -126,6 +126,21 @@ def build_model(
     recipe_name: str, target: Path, *, seed: int = 1234, progress: Callable[[int, int], None] | None = None
 ) -> Path:
     """Write a ``from_pretrained``-loadable model directory (safetensors) at ``target``."""
+    from transformers.utils import logging as hf_logging
+
+    # transformers' notices (sequence longer than the model, default loss, shard-writing bars)
+    # are about its general use, not this build; a newcomer would read them as faults.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return _build(recipe_name, target, seed, progress)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _build(recipe_name: str, target: Path, seed: int, progress: Callable[[int, int], None] | None) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -180,7 +195,7 @@ def _train(model, tokenizer, corpus: list[str], steps: int, seed: int,  # type: 
     for step in range(steps):
         starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
         chunk = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
-        loss = model(input_ids=chunk, labels=chunk).loss
+        loss = model(input_ids=chunk, attention_mask=torch.ones_like(chunk), labels=chunk).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
