@@ -1,35 +1,34 @@
-"""The maintenance worker: consumes ``textnlp.maintenance``, where beat sends every scheduled task.
+"""The maintenance worker: a light worker on ``textnlp.maintenance`` and a heavy one on
+``textnlp.maintenance.heavy``, each its own process (see ``textnlp_jobs.maintenance.worker``).
 
-    python -m workers.maintenance
+    python -m workers.maintenance                 # both, supervised
+    python -m workers.maintenance --only heavy    # one of them
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
-from textnlp_jobs.constants import MAINTENANCE_QUEUE
-from textnlp_jobs.settings import get_settings
+from textnlp_jobs.maintenance.worker import run_both, run_one
 
 
-def run(*, loglevel: str = "INFO", concurrency: int = 2) -> None:
-    from textnlp_jobs.celery_app import app
-
-    settings = get_settings()
-    app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={concurrency}", f"--queues={MAINTENANCE_QUEUE}",
-        f"--hostname=maintenance@{settings.node_name}", f"--loglevel={loglevel}",
-        "--without-gossip", "--without-mingle",
-    ])
+def run(*, loglevel: str = "INFO", only: str | None = None, concurrency: int | None = None) -> None:
+    if only in ("light", "heavy"):
+        run_one("light" if only == "light" else "heavy", loglevel=loglevel, concurrency=concurrency)
+        return
+    sys.exit(run_both(loglevel=loglevel))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--loglevel", default=os.environ.get("TEXTNLP_LOGLEVEL", "INFO"))
-    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--only", choices=["light", "heavy"], default=None)
+    parser.add_argument("--concurrency", type=int, default=None)
     args = parser.parse_args(argv)
-    run(loglevel=args.loglevel, concurrency=args.concurrency)
+    run(loglevel=args.loglevel, only=args.only, concurrency=args.concurrency)
 
 
 if __name__ == "__main__":
