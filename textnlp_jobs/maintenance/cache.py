@@ -12,19 +12,21 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from textnlp_jobs.constants import (
     GENERATE_TASK,
+    GENERATION_QUEUE_PREFIX,
     KOMBU_UNACKED_INDEX_KEY,
     KOMBU_UNACKED_KEY,
     LOCK_KEY_PREFIX,
     REDBEAT_KEY_PREFIX,
     REDIS_KEY_PREFIX,
 )
-from textnlp_jobs.db.models import FINAL_STATUSES, Generation
+from textnlp_jobs.db.models import FINAL_STATUSES, Generation, JobStatus, utcnow
 from textnlp_jobs.maintenance.queues import (
     JOB_QUEUE_PREFIXES,
     PRIORITY_SEPARATOR,
@@ -130,10 +132,28 @@ def unused_bindings(ctx: TaskContext, client: redis.Redis) -> dict[str, Any]:
             lists = [queue, *(f"{queue}{PRIORITY_SEPARATOR}{n}" for n in range(10))]
             if sum(client.llen(name) for name in lists):
                 continue  # it still holds messages: queues.dead_letter's business, not ours
+            if _recently_used(ctx, queue):
+                continue  # a producer may still hold the binding as declared: keep it
             if not ctx.dry_run:
                 client.srem(key, member)
             removed.append(queue)
     return {"bindings_removed": len(removed), "unused_queues": sorted(set(removed))}
+
+
+def _recently_used(ctx: TaskContext, queue: str) -> bool:
+    """Whether the ledger has a live job for this queue, or any job from within the dead-letter
+    window. A producer process caches the bindings it declared; removing one it still publishes to
+    would make the transport drop its messages, so only long-unused queues lose their binding."""
+    g = Generation
+    since = utcnow() - timedelta(seconds=ctx.settings.dead_letter_after_seconds)
+    if queue.startswith(GENERATION_QUEUE_PREFIX):
+        scope = g.model == queue[len(GENERATION_QUEUE_PREFIX):]
+    else:
+        scope = g.device.is_not(None)  # pinned queues: any recent pinned job keeps them all
+    with ctx.session_factory() as session:
+        return session.execute(select(g.id).where(
+            scope, or_(g.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]), g.created_at >= since))
+            .limit(1)).first() is not None
 
 
 @maintenance_task("cache.expire", schedule="15 * * * *", time_limit_s=1800)

@@ -80,13 +80,19 @@ def period_seconds(schedule: Schedule) -> float:
 
 
 def next_run(schedule: Schedule | None, now: datetime, last_run: datetime | None = None) -> datetime | None:
-    """When beat next sends the task (approximately, for listings)."""
+    """When beat next sends the task (for listings): the first matching minute after ``now``."""
     if schedule is None:
         return None
     if isinstance(schedule, float):
-        return (last_run or now) + timedelta(seconds=schedule)
-    remaining: timedelta = schedule.remaining_estimate(now)
-    return now + remaining
+        return max(now, (last_run or now) + timedelta(seconds=schedule))
+    moment = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    for _ in range(366 * 24 * 60):
+        if (moment.minute in schedule.minute and moment.hour in schedule.hour
+                and moment.day in schedule.day_of_month and moment.month in schedule.month_of_year
+                and (moment.weekday() + 1) % 7 in schedule.day_of_week):  # crontab: 0 is Sunday
+            return moment
+        moment += timedelta(minutes=1)
+    return None
 
 
 def build_schedule(settings: Settings) -> dict[str, Any]:
