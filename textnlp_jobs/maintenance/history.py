@@ -42,11 +42,13 @@ class RunRecord:
 
 
 def task_statuses(session: Session, settings: Settings) -> list[TaskStatus]:
-    """Every declared task with its effective schedule, next run and last (non-dry) run."""
+    """Every declared task with its effective schedule, next run and last run (not a dry run, not
+    a run refused by the lock)."""
     tasks = load_tasks()
     effective = schedules.schedules(settings, tasks)
     latest = (select(MaintenanceRun.task, func.max(MaintenanceRun.id).label("id"))
-              .where(MaintenanceRun.dry_run.is_(False)).group_by(MaintenanceRun.task).subquery())
+              .where(MaintenanceRun.dry_run.is_(False), MaintenanceRun.status != "locked")
+              .group_by(MaintenanceRun.task).subquery())
     rows = session.execute(select(MaintenanceRun.task, MaintenanceRun.started_at, MaintenanceRun.status)
                            .join(latest, MaintenanceRun.id == latest.c.id)).all()
     last = {row.task: (row.started_at, row.status) for row in rows}

@@ -26,8 +26,8 @@ def run_maintenance(name: str, *, dry_run: bool = False, celery: Celery | None =
     """Run task ``name`` once and return its result with a ``status`` (succeeded, skipped, failed).
 
     A run that finds another run of the same task holding the lock returns ``{"status": "locked"}``
-    at once. The lock lives longer than the task's time limit. Every run that takes the lock is
-    recorded in ``maintenance_runs`` (with ``dry_run``), and in the maintenance metrics.
+    at once (and is recorded as such). The lock lives longer than the task's time limit. Every run is
+    recorded in ``maintenance_runs`` (with ``dry_run``) and in the maintenance metrics.
     """
     task = get_task(name)
     settings = settings or get_settings()
@@ -39,6 +39,11 @@ def run_maintenance(name: str, *, dry_run: bool = False, celery: Celery | None =
     started = time.monotonic()
     with maintenance_lock(settings, name, ttl_seconds=task.lock_ttl) as held:
         if not held:
+            # Recorded too, so the history shows a run that was refused (two beats, a run by hand).
+            with factory.begin() as session:
+                now = utcnow()
+                session.add(MaintenanceRun(task=name, status="locked", dry_run=dry_run, started_at=now,
+                                           finished_at=now, result={"status": "locked"}))
             log.info("maintenance_skipped task=%s reason=locked", name)
             record_maintenance_run(name, "locked", time.monotonic() - started)
             return {"status": "locked"}
