@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.test_retention import seed_ledger
 from textnlp_jobs.celery_app import create_app
 from textnlp_jobs.db.models import MaintenanceRun
 from textnlp_jobs.db.session import session_factory
-from textnlp_jobs.local_stack import LocalStack, WorkerProcess
+from textnlp_jobs.local_stack import LocalStack, WorkerProcess, seed_generations
 from textnlp_jobs.maintenance.registry import load_tasks
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -60,7 +59,7 @@ def test_two_beats_send_each_tick_once_and_reconcile_keeps_its_cadence_during_a_
     env = {"TEXTNLP_SCHEDULE": fast_schedule(), "TEXTNLP_RETENTION_BATCH": "100",
            "TEXTNLP_RETENTION_BATCH_PAUSE_SECONDS": "0.15", "TEXTNLP_ARCHIVE_DIR": str(tmp_path / "archive")}
     stack.env.update(env)
-    seed_ledger(stack.settings(), 4_000)  # ~1,950 expired rows: ~60 batches with a pause each
+    seed_generations(stack.settings(), 4_000)  # ~1,950 expired rows: ~60 batches with a pause each
     maintenance = start(stack, "maintenance", "-m", "workers.maintenance", "--loglevel", "INFO", env=env)
     beats = [start(stack, f"beat-{i}", "-m", "textnlp_jobs.cli", "beat", "--loglevel", "INFO", env=env)
              for i in range(2)]

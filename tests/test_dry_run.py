@@ -16,12 +16,11 @@ import redis
 from sqlalchemy import func, select, text, update
 
 from tests.test_cache_maintenance import unacked_entry
-from tests.test_retention import seed_ledger
 from textnlp_jobs.client import Client
 from textnlp_jobs.constants import KOMBU_UNACKED_INDEX_KEY, KOMBU_UNACKED_KEY
 from textnlp_jobs.db.models import Generation, MaintenanceRun
 from textnlp_jobs.db.session import get_engine
-from textnlp_jobs.local_stack import REPO_ROOT, LocalStack
+from textnlp_jobs.local_stack import REPO_ROOT, LocalStack, seed_generations
 from textnlp_jobs.maintenance.registry import load_tasks
 from textnlp_jobs.maintenance.runner import run_maintenance
 from textnlp_jobs.settings import Settings
@@ -66,7 +65,7 @@ def folder_state(folder: Path) -> list[tuple[str, int]]:
 def test_a_dry_run_of_every_task_changes_nothing_on_postgresql_and_redis(stack: LocalStack, tmp_path: Path) -> None:
     settings = stack.settings(archive_dir=str(tmp_path / "archive"), cache_idle_seconds=1,
                               dead_letter_after_seconds=1)
-    seed_ledger(settings, 2_000)
+    seed_generations(settings, 2_000)
     client = Client(settings)
     orphan = client.submit("Read the file and", model="tiny")  # no worker: its queue has no consumer
     finished = client.submit("Return a new list", model="demo")

@@ -14,39 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, select
 
 from textnlp_jobs.client import Client
 from textnlp_jobs.db.models import Generation, MaintenanceRun, Prompt
 from textnlp_jobs.db.session import get_engine
-from textnlp_jobs.local_stack import REPO_ROOT, LocalStack
+from textnlp_jobs.local_stack import REPO_ROOT, LocalStack, seed_generations
 from textnlp_jobs.maintenance import archive
 from textnlp_jobs.maintenance.runner import run_maintenance
 from textnlp_jobs.settings import Settings
-
-SEED_SQL = """
-INSERT INTO prompts (id, text, sha256, byte_length, token_count, created_at)
-SELECT md5('p' || i || :salt)::uuid, 'seeded prompt ' || i, md5(i::text) || md5(i::text), 16, 4,
-       now() - ((i % 180) + 0.5) * interval '1 day'
-FROM generate_series(1, :n) AS i;
-INSERT INTO generations (id, prompt_id, model, params, max_new_tokens, status, priority, attempts, max_attempts,
-                         result_text, tokens_generated, archived, created_at, updated_at, finished_at)
-SELECT md5('g' || i || :salt)::uuid, md5('p' || i || :salt)::uuid, 'demo', '{"temperature": 0}'::jsonb, 8,
-       CASE WHEN i % 97 = 0 THEN 'queued' WHEN i % 89 = 0 THEN 'running' WHEN i % 7 = 0 THEN 'failed'
-            ELSE 'succeeded' END,
-       0, 1, 3, 'seeded result ' || i, 8, false,
-       now() - ((i % 180) + 0.5) * interval '1 day', now(), now() - ((i % 180) + 0.5) * interval '1 day'
-FROM generate_series(1, :n) AS i;
-"""
-
-
-def seed_ledger(settings: Settings, rows: int) -> None:
-    """``rows`` generations spread over 180 days (half past a 90-day policy), one prompt each."""
-    with get_engine(settings).begin() as connection:
-        for statement in filter(str.strip, SEED_SQL.split(";")):
-            connection.execute(text(statement), {"n": rows, "salt": uuid.uuid4().hex})
-        connection.execute(text("ANALYZE generations"))
-        connection.execute(text("ANALYZE prompts"))
 
 
 def expired_ids(settings: Settings) -> set[str]:
@@ -89,7 +65,7 @@ class Producer(threading.Thread):
 
 def run_retention_at_scale(stack: LocalStack, tmp_path: Path, rows: int) -> dict[str, Any]:
     settings = stack.settings(archive_dir=str(tmp_path / "archive"))
-    seed_ledger(settings, rows)
+    seed_generations(settings, rows)
     before, expected = counts(settings), expired_ids(settings)
     client = Client(settings)
     client.submit("warm up", model="demo", max_new_tokens=4)  # tokenizer and connections ready
@@ -152,7 +128,7 @@ def test_retention_archives_then_deletes_every_expired_row_and_nothing_else(stac
 @pytest.mark.integration
 def test_an_archive_loads_back_into_the_ledger(stack: LocalStack, tmp_path: Path) -> None:
     settings = stack.settings(archive_dir=str(tmp_path / "archive"))
-    seed_ledger(settings, 1_000)
+    seed_generations(settings, 1_000)
     expected = expired_ids(settings)
     result = run_maintenance("db.retention", settings=settings)
     first = Path(result["archives"][0]["path"])
