@@ -54,7 +54,7 @@ def bench_retention(database_url: str, redis_url: str, rows: int, archive_dir: P
     from textnlp_jobs.settings import Settings
 
     upgrade(database_url)
-    version, path = ensure_model("tiny")
+    _version, path = ensure_model("tiny")
     settings = Settings(database_url=database_url, broker_url=redis_url, model_store=MODEL_ROOT,
                         archive_dir=archive_dir, retention_batch=batch, home=archive_dir.parent)
     with session_factory(settings).begin() as session:
