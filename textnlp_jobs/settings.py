@@ -8,6 +8,7 @@ first command needs no server. Production points ``TEXTNLP_DATABASE_URL`` at Pos
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +38,9 @@ class Settings(BaseSettings):
     # Celery's own result backend is off by default: the ledger holds every result.
     result_backend: SecretStr | None = None
     model_store: Path | None = None
+    # Where built demo/tiny models are kept across homes (keyed by recipe); "off" disables it.
+    # Default: $XDG_CACHE_HOME/textnlp-jobs/models (~/.cache/textnlp-jobs/models).
+    model_cache: str | None = None
     node_name: str = Field(default_factory=socket.gethostname)
 
     # Which models each device serves, e.g. {"cuda.0": ["demo"], "*": ["demo"]}; "*" is the default.
@@ -69,6 +73,29 @@ class Settings(BaseSettings):
     # The embedded filesystem broker polls its folder; lower means lower latency, more CPU.
     filesystem_polling_interval: float = Field(0.05, gt=0)
     reconcile_interval_seconds: float = Field(300.0, gt=0)
+
+    # --- maintenance (issue 6) ----------------------------------------------------------------
+    # Overrides of the beat schedule by task name: a 5-field crontab in UTC ("30 2 * * *"), a
+    # number of seconds (an interval, for tests and demos) or "off", e.g. {"db.vacuum": "30 2 * * *"}.
+    schedule: dict[str, str | float] = Field(default_factory=dict)
+    # Retention policy (days); generations are deleted only once archived.
+    retention_generations_days: float = Field(90, gt=0)
+    retention_orphan_prompts_days: float = Field(30, gt=0)
+    retention_audit_logs_days: float = Field(365, gt=0)
+    retention_maintenance_runs_days: float = Field(180, gt=0)
+    # Rows per delete batch (each its own transaction) and how long a batch waits for a row lock.
+    retention_batch: int = Field(5_000, ge=1, le=100_000)
+    retention_lock_timeout_ms: int = Field(2_000, ge=1)
+    # Pause between batches, to lower the load a large cleanup puts on a busy ledger.
+    retention_batch_pause_seconds: float = Field(0.0, ge=0)
+    # Where db.retention writes its gzip JSON-lines archives; default <home>/archive.
+    archive_dir: Path | None = None
+    # cache.expire: keys with no TTL idle longer than this are removed.
+    cache_idle_seconds: float = Field(7 * 86_400, gt=0)
+    # cache.memory: at most this many keys are sized to find the largest ones.
+    cache_memory_sample: int = Field(100_000, ge=0)
+    # queues.dead_letter: messages of a queue no one consumes, older than this, are dead-lettered.
+    dead_letter_after_seconds: float = Field(86_400, gt=0)
 
     # Observability. With no pushgateway URL nothing is pushed; a metrics port serves /metrics for pull.
     pushgateway_url: str | None = None
@@ -105,13 +132,24 @@ class Settings(BaseSettings):
     def broker_url_value(self) -> str:
         if self.broker_url is not None:
             return self.broker_url.get_secret_value()
-        return "filesystem://"
+        # kombu warns "No hostname was supplied" for a bare filesystem:// (the host is unused).
+        return "filesystem://localhost/"
 
     def broker_folder(self) -> Path:
         return self.home / "broker"
 
+    def archive_dir_value(self) -> Path:
+        return self.archive_dir if self.archive_dir is not None else self.home / "archive"
+
     def model_store_dir(self) -> Path:
         return self.model_store if self.model_store is not None else self.home / "models"
+
+    def model_cache_dir(self) -> Path | None:
+        if self.model_cache is not None:
+            return None if self.model_cache.strip().lower() in ("", "off", "none", "false", "0") else Path(
+                self.model_cache).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "textnlp-jobs" / "models"
 
     def models_for_device(self, device: str) -> list[str]:
         return list(self.placement.get(device) or self.placement.get("*") or [])

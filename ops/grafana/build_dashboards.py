@@ -115,6 +115,14 @@ MAINTENANCE = Dashboard("textnlp-maintenance", "textnlp-jobs: maintenance", [
           kind="stat"),
     Panel("Runs per hour, by task and status", "short",
           [("sum by (task, status) (increase(textnlp_maintenance_runs_total[1h]))", "{{task}} {{status}}")]),
+    Panel("Run duration, by task", "s", [
+        ("max by (task) (rate(textnlp_maintenance_duration_seconds_sum[1d]) "
+         "/ rate(textnlp_maintenance_duration_seconds_count[1d]))", "mean {{task}}"),
+        ("histogram_quantile(0.95, sum by (task, le) (rate(textnlp_maintenance_duration_seconds_bucket[1d])))",
+         "p95 {{task}}"),
+    ]),
+    Panel("Rows archived and deleted by db.retention, per day", "short",
+          [("sum by (table, action) (increase(textnlp_retention_rows_total[1d]))", "{{action}} {{table}}")]),
     Panel("Redis memory", "bytes", [("max(textnlp_redis_memory_used_bytes)", "used")]),
     Panel("Ledger table sizes", "bytes", [("max by (table) (textnlp_db_table_size_bytes)", "{{table}}")]),
     Panel("Dead tuples per table", "short", [("max by (table) (textnlp_db_dead_tuples)", "{{table}}")]),

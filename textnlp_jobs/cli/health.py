@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from typing import Annotated
-
 import typer
 from rich.table import Table
 
-from textnlp_jobs.cli.base import app, console, ensure_ledger
+from textnlp_jobs.cli.base import JsonOption, app, console, emit_json, ensure_ledger
 from textnlp_jobs.settings import get_settings
 
 
 @app.command()
-def health(json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False) -> None:
+def health(json_output: JsonOption = False) -> None:
     """Check the database, broker, queues, device workers, pushgateway and disk now; exit 1 if any is down."""
     from textnlp_jobs.celery_app import create_app
     from textnlp_jobs.db.session import session_factory
@@ -30,7 +26,7 @@ def health(json_output: Annotated[bool, typer.Option("--json", help="One JSON ob
         celery.close()
     push_after_task(settings, "health.check")
     if json_output:
-        sys.stdout.write(json.dumps(report.as_dict()) + "\n")
+        emit_json(report.as_dict())
     else:
         table = Table("component", "status", "figure", "detail")
         colours = {"ok": "green", "degraded": "yellow", "down": "red"}

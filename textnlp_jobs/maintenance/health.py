@@ -34,6 +34,7 @@ from textnlp_jobs.constants import (
     generation_queue,
 )
 from textnlp_jobs.db.models import Generation, JobStatus
+from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.metrics.expire import gateway_base
 from textnlp_jobs.settings import Settings
@@ -328,3 +329,12 @@ def check_health(settings: Settings, factory: sessionmaker[Session], celery: Cel
     log.info("health_checked status=%s down=%s", report.status,
              ",".join(c.name for c in report.components if c.status == DOWN) or "-")
     return report
+
+
+@maintenance_task("health.check", schedule="*/5 * * * *", time_limit_s=120)
+def health_check(ctx: TaskContext) -> dict[str, Any]:
+    """Database, broker, queues, workers and their models, pushgateway, disk: a status per component."""
+    # Read-only: a dry run checks the same things. "status" of a run result is the run's own
+    # (succeeded/failed), so the overall health goes under "health".
+    report = check_health(ctx.settings, ctx.session_factory, ctx.celery).as_dict()
+    return {"health": report.pop("status"), **report}

@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client import delete_from_gateway
 
+from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.metrics.push import WORKER_JOBS
 from textnlp_jobs.settings import Settings
@@ -72,3 +73,9 @@ def expire_groups(settings: Settings, *, dry_run: bool = False, now: float | Non
     log.info("pushgateway_groups_expired deleted=%d kept=%d dry_run=%s", len(deleted), len(groups) - len(stale),
              dry_run)
     return {"groups": len(groups), "expired": deleted, "ttl_seconds": ttl, "dry_run": dry_run}
+
+
+@maintenance_task("metrics.expire_groups", schedule="5 * * * *", time_limit_s=300)
+def expire_groups_task(ctx: TaskContext) -> dict[str, Any]:
+    """Delete the pushgateway groups of workers that stopped pushing (a SIGKILLed worker's)."""
+    return expire_groups(ctx.settings, dry_run=ctx.dry_run)

@@ -113,6 +113,10 @@ MAINTENANCE_PERIOD = Gauge(
     "textnlp_maintenance_period_seconds", "How often a maintenance task is scheduled (alerts use twice this).",
     ["task"], registry=REGISTRY,
 )
+RETENTION_ROWS = Counter(
+    "textnlp_retention_rows_total", "Rows db.retention archived or deleted, by table.", ["table", "action"],
+    registry=REGISTRY,
+)
 PUSHGATEWAY_GROUPS_EXPIRED = Counter(
     "textnlp_pushgateway_groups_expired_total", "Pushgateway groups of silent workers deleted.", registry=REGISTRY,
 )
