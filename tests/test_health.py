@@ -16,6 +16,7 @@ from textnlp_jobs.celery_app import create_app
 from textnlp_jobs.db.session import session_factory
 from textnlp_jobs.local_stack import REPO_ROOT, LocalStack
 from textnlp_jobs.maintenance.health import Component, HealthReport, check_health
+from textnlp_jobs.maintenance.runner import run_maintenance
 from textnlp_jobs.settings import Settings
 from workers.device import worker_hostname
 
@@ -93,6 +94,10 @@ def test_health_reports_a_killed_device_worker_down_and_ok_again_after_its_resta
     during = check(settings)
     assert component(during, "worker testnode/cpu.0").status == "down", not_ok(during)
     assert during.status == "down"
+    run = run_maintenance("health.check", settings=settings)  # the scheduled task says the same
+    assert run["status"] == "succeeded" and run["health"] == "down"
+    assert {"name": "worker testnode/cpu.0", "status": "down"}.items() <= next(
+        c for c in run["components"] if c["name"] == "worker testnode/cpu.0").items()
 
     worker.start()
     stack.wait_ready(hostname)

@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from textnlp_jobs.client import Client
 from textnlp_jobs.local_stack import LocalStack, WorkerProcess
-from textnlp_jobs.metrics.expire import expire_groups, list_groups
-from textnlp_jobs.metrics.push import DEVICE_WORKER_JOB, ONESHOT_JOB, Pusher, push_after_task
+from textnlp_jobs.maintenance.runner import run_maintenance
+from textnlp_jobs.metrics.expire import list_groups
+from textnlp_jobs.metrics.push import DEVICE_WORKER_JOB, ONESHOT_JOB, Pusher
 from workers.device import worker_hostname
 
 from .helpers import job_specs
@@ -94,22 +95,27 @@ def test_metrics_expire_groups_removes_the_group_of_a_sigkilled_worker_and_keeps
     time.sleep(1.5)
     assert worker_groups(gateway.url) == [{"job": DEVICE_WORKER_JOB, "instance": INSTANCE}]
 
-    # A live worker elsewhere, and a one-shot maintenance run, pushed just now.
+    # A live worker elsewhere pushed just now, and a maintenance task run by hand (one-shot, as
+    # `textnlp-jobs maintenance run` does) pushes its group when it finishes.
     registry = CollectorRegistry()
     Gauge("textnlp_worker_up", "up", ["device"], registry=registry).labels("cuda.3").set(1)
     assert Pusher(gateway.url, DEVICE_WORKER_JOB, "other:cuda.3", interval=1, timeout=2, registry=registry).push()
     settings = stack.settings(pushgateway_url=gateway.url, pushgateway_group_ttl_seconds=1.0)
-    push_after_task(settings, "db.vacuum")
+    assert run_maintenance("health.check", settings=settings)["status"] == "succeeded"
+    oneshot = {"job": ONESHOT_JOB, "instance": "testnode:health.check"}
+    samples = scrape(gateway.url + "/metrics")
+    assert value(samples, "textnlp_maintenance_runs_total", task="health.check", status="succeeded", **oneshot) == 1
+    assert value(samples, "textnlp_maintenance_last_success_timestamp_seconds", task="health.check", **oneshot)
 
-    dry = expire_groups(settings, dry_run=True, now=time.time())
+    dry = run_maintenance("metrics.expire_groups", settings=settings, dry_run=True)
     assert [g["instance"] for g in dry["expired"]] == [INSTANCE]
     assert len(worker_groups(gateway.url)) == 2  # a dry run changes nothing
     # The other worker is fresh (pushed less than the TTL ago); ours went silent 1.5 s before.
-    report = expire_groups(settings, now=time.time())
-    assert [g["instance"] for g in report["expired"]] == [INSTANCE]
+    report = run_maintenance("metrics.expire_groups", settings=settings)
+    assert report["status"] == "succeeded" and [g["instance"] for g in report["expired"]] == [INSTANCE]
     assert worker_groups(gateway.url) == [{"job": DEVICE_WORKER_JOB, "instance": "other:cuda.3"}]
-    assert [g.labels["instance"] for g in list_groups(gateway.url, 5) if g.job == ONESHOT_JOB] == [
-        "testnode:db.vacuum"]
+    assert sorted(g.labels["instance"] for g in list_groups(gateway.url, 5) if g.job == ONESHOT_JOB) == [
+        "testnode:health.check", "testnode:metrics.expire_groups"]
 
 
 def test_with_the_pushgateway_down_jobs_keep_succeeding_and_the_outage_is_logged_once(
