@@ -68,6 +68,7 @@ def metric_names_in(expr: str) -> set[str]:
     """The metric names a PromQL expression reads (label matchers, grouping labels, durations,
     strings and numbers removed)."""
     expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    expr = re.sub(r"#[^\n]*", "", expr)
     expr = re.sub(r"\{[^}]*\}", "", expr)
     expr = re.sub(r"\[[^\]]*\]", "", expr)
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)

@@ -310,11 +310,18 @@ def check_health(settings: Settings, factory: sessionmaker[Session], celery: Cel
     consumers: dict[str, int] | None = None
     depths: dict[str, int] = {}
     if broker_up:
-        try:
-            depths = _queue_depths(settings)
-            consumers = _check_workers(report, settings, celery)
-        except Exception as error:  # the broker went away between the checks
-            report.add("workers", DOWN, None, f"broker: {type(error).__name__}")
+        for attempt in range(2):
+            workers = HealthReport()
+            try:
+                depths = _queue_depths(settings)
+                consumers = _check_workers(workers, settings, celery)
+                report.components.extend(workers.components)
+                break
+            except Exception as error:
+                # A pooled connection that died with a broker restart fails once and is replaced;
+                # a second failure means the broker went away between the checks.
+                if attempt:
+                    report.add("workers", DOWN, None, f"broker: {type(error).__name__}")
     else:  # a ping through a dead broker would wait on reconnects; say why instead
         for device in known_devices(settings) if not _is_redis(settings) else []:
             report.add(f"worker {device}", DOWN, None, "broker down")
