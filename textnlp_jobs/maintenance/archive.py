@@ -62,11 +62,12 @@ def manifest_path(path: Path) -> Path:
 
 
 def _encode(value: Any) -> Any:
+    """JSON for what the ledger holds beyond JSON's own types."""
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, datetime | date):
         return value.isoformat()
-    return value
+    raise TypeError(f"cannot archive a {type(value).__name__}")
 
 
 def _file_sha256(path: Path) -> str:
@@ -98,8 +99,8 @@ def write(folder: Path, table: str, day: date, rows: Iterable[Mapping[str, Any]]
     count = 0
     with partial.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) as handle:
         for row in rows:
-            handle.write(json.dumps({k: _encode(v) for k, v in row.items()}, separators=(",", ":"),
-                                    ensure_ascii=False).encode("utf-8"))
+            handle.write(json.dumps(row, default=_encode, separators=(",", ":"), ensure_ascii=False)
+                         .encode("utf-8"))
             handle.write(b"\n")
             count += 1
         handle.flush()
