@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from textnlp_jobs.db.models import FINAL_STATUSES, AuditLog, Generation, MaintenanceRun, Prompt, utcnow
 from textnlp_jobs.maintenance import archive
 from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
+from textnlp_jobs.metrics.maintenance import record_table_report
 
 # The tables and indexes that take the job traffic. Fixed: no name here ever comes from input.
 HOT_TABLES: tuple[str, ...] = ("generations", "prompts", "audit_logs", "maintenance_runs")
@@ -335,6 +336,7 @@ def vacuum(ctx: TaskContext) -> dict[str, Any]:
                 return {"database": before, "would_run": ["VACUUM", "ANALYZE", "PRAGMA optimize"]}
             for statement in ("VACUUM", "ANALYZE", "PRAGMA optimize"):
                 connection.execute(text(statement))
+            record_table_report("sqlite", before["size_bytes"], None, before["bloat_ratio"])
             return {"database": before, "after": _sqlite_report(connection),
                     "ran": ["VACUUM", "ANALYZE", "PRAGMA optimize"]}
         tables = _pg_table_report(connection)
@@ -349,6 +351,7 @@ def vacuum(ctx: TaskContext) -> dict[str, Any]:
         for name, entry in tables.items():
             entry["dead_tuples_after"] = after.get(name, {}).get("dead_tuples")
             entry["vacuum_seconds"] = seconds.get(name)
+            record_table_report(name, entry["size_bytes"], entry["dead_tuples"], entry["bloat_ratio"])
         return {"tables": tables}
 
 
