@@ -23,19 +23,15 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db.models import Generation, Prompt
-from textnlp_jobs.errors import TextNLPError
+from textnlp_jobs.errors import ArchiveError
+
+__all__ = ["ArchiveError", "ArchiveFile", "read_rows", "restore", "verify", "write"]
 
 FORMAT = 1
 # Archived columns of a generation; the prompt's own columns ride along under "prompt".
 GENERATION_COLUMNS: tuple[str, ...] = tuple(c.name for c in Generation.__table__.columns)
 PROMPT_COLUMNS: tuple[str, ...] = tuple(c.name for c in Prompt.__table__.columns)
 _UUID_COLUMNS = {"id", "prompt_id"}
-
-
-class ArchiveError(TextNLPError):
-    """An archive file is missing, unreadable, or does not match its manifest."""
-
-    code = "archive.invalid"
 
 
 @dataclass(frozen=True)
