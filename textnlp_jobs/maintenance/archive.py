@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from textnlp_jobs.db.models import Generation, Prompt
+from textnlp_jobs.db.models import Generation, Prompt, UTCDateTime
 from textnlp_jobs.errors import ArchiveError
 
 __all__ = ["ArchiveError", "ArchiveFile", "read_rows", "restore", "verify", "write"]
@@ -147,8 +147,7 @@ def _decode(columns: Iterable[str], row: Mapping[str, Any], table: Any) -> dict[
         value = row.get(name)
         if value is not None and name in _UUID_COLUMNS:
             value = uuid.UUID(value)
-        elif value is not None and isinstance(table.c[name].type.python_type, type) and \
-                table.c[name].type.python_type is datetime:
+        elif value is not None and isinstance(table.c[name].type, UTCDateTime):
             value = datetime.fromisoformat(value)
         out[name] = value
     return out
