@@ -165,12 +165,19 @@ def _mark_archived(ids: Sequence[uuid.UUID]) -> Callable[[Session], int]:
     return work
 
 
-def _delete_archived_generations(session: Session, cutoff: datetime, limit: int, stats: BatchStats) -> int:
+def _delete_archived_generations(session: Session, cutoff: datetime, limit: int, stats: BatchStats,
+                                 position: list[datetime]) -> int:
+    """One batch, oldest first. ``position`` carries this batch's oldest ``created_at``: everything
+    older is gone, so the next batch starts there instead of stepping over the index entries of all
+    the rows deleted before (and a batch rolled back by a lock timeout is simply met again)."""
     g = Generation
-    rows = session.execute(select(g.id, g.prompt_id).where(_expired_generations(cutoff), g.archived.is_(True))
-                           .limit(limit)).all()
+    rows = session.execute(select(g.id, g.prompt_id, g.created_at)
+                           .where(_expired_generations(cutoff), g.archived.is_(True),
+                                  *([g.created_at >= position[0]] if position else []))
+                           .order_by(g.created_at).limit(limit)).all()
     if not rows:
         return 0
+    position[:] = [rows[0].created_at]
     ids = [r.id for r in rows]
     deleted = int(session.execute(
         delete(g).where(g.id.in_(ids), g.archived.is_(True), g.status.in_(FINAL_STATUSES)),
@@ -262,8 +269,9 @@ def retention(ctx: TaskContext) -> dict[str, Any]:
     started = time.monotonic()
     stats = BatchStats()
     archives = archive_expired(ctx, cut.generations, folder, stats)
-    while _batch(ctx.session_factory, ctx, stats,
-                 lambda s: _delete_archived_generations(s, cut.generations, ctx.settings.retention_batch, stats)):
+    position: list[datetime] = []
+    while _batch(ctx.session_factory, ctx, stats, lambda s: _delete_archived_generations(
+            s, cut.generations, ctx.settings.retention_batch, stats, position)):
         pass
     _delete_orphan_prompts(ctx, cut.orphan_prompts, stats)
     _delete_older(ctx, "audit_logs", AuditLog.at, AuditLog.id, cut.audit_logs, stats)
