@@ -37,6 +37,7 @@ from textnlp_jobs.db.models import Generation, JobStatus
 from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.metrics.expire import gateway_base
+from textnlp_jobs.metrics.maintenance import DB_DEAD_TUPLES, DB_TABLE_BYTES
 from textnlp_jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,8 @@ def _table_figures(session: Session) -> None:
         "SELECT relname, n_dead_tup, pg_total_relation_size(relid) FROM pg_stat_user_tables "
         "WHERE relname = ANY(:tables)"), {"tables": list(LEDGER_TABLES)}).all()
     for name, dead, size in rows:
-        metrics.DB_DEAD_TUPLES.labels(name).set(dead)
-        metrics.DB_TABLE_SIZE.labels(name).set(size)
+        DB_DEAD_TUPLES.labels(name).set(dead)
+        DB_TABLE_BYTES.labels(name).set(size)
 
 
 def _queue_depths(settings: Settings) -> dict[str, int]:

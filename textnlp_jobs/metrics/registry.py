@@ -99,13 +99,6 @@ DISK_SIZE = Gauge(
     "textnlp_disk_size_bytes", "Size of the filesystem of a volume the system writes to.", ["volume"],
     registry=REGISTRY,
 )
-DB_TABLE_SIZE = Gauge(
-    "textnlp_db_table_size_bytes", "Total size (with indexes and TOAST) of a ledger table.", ["table"],
-    registry=REGISTRY,
-)
-DB_DEAD_TUPLES = Gauge(
-    "textnlp_db_dead_tuples", "Dead tuples of a ledger table (what VACUUM reclaims).", ["table"], registry=REGISTRY,
-)
 REDIS_MEMORY = Gauge(
     "textnlp_redis_memory_used_bytes", "Memory Redis reports in use (INFO memory used_memory).", registry=REGISTRY,
 )
