@@ -20,7 +20,7 @@ from textnlp_jobs.metrics.push import DEVICE_WORKER_JOB, ONESHOT_JOB, Pusher
 from workers.device import worker_hostname
 
 from .helpers import job_specs
-from .ops_services import Service, pushgateway, scrape, value, wait_for
+from .ops_services import Service, free_port, pushgateway, scrape, value, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,10 +34,10 @@ def gateway(tmp_path: Path) -> Iterator[Service]:
     service.stop()
 
 
-def pushing_worker(stack: LocalStack, gateway_url: str) -> WorkerProcess:
+def pushing_worker(stack: LocalStack, gateway_url: str, **extra_env: str) -> WorkerProcess:
     return stack.device_worker("cpu.0", extra_env={
         "TEXTNLP_PUSHGATEWAY_URL": gateway_url, "TEXTNLP_PUSH_INTERVAL_SECONDS": "0.5",
-        "TEXTNLP_PUSH_TIMEOUT_SECONDS": "1",
+        "TEXTNLP_PUSH_TIMEOUT_SECONDS": "1", **extra_env,
     })
 
 
@@ -125,7 +125,8 @@ def test_metrics_expire_groups_removes_the_group_of_a_sigkilled_worker_and_keeps
 
 def test_with_the_pushgateway_down_jobs_keep_succeeding_and_the_outage_is_logged_once(
         stack: LocalStack, gateway: Service) -> None:
-    worker = pushing_worker(stack, gateway.url).start()
+    port = free_port()  # and the worker serves /metrics for pull all along
+    worker = pushing_worker(stack, gateway.url, TEXTNLP_METRICS_PORT=str(port)).start()
     stack.wait_ready(worker_hostname(stack.settings(), "cpu.0"))
     run_jobs(stack, 4)
     wait_for(lambda: worker_groups(gateway.url), 30, "the worker's first push")
@@ -134,6 +135,8 @@ def test_with_the_pushgateway_down_jobs_keep_succeeding_and_the_outage_is_logged
     time.sleep(3)  # six push intervals with the gateway down
     log = worker.log_tail(2000)
     assert log.count("pushgateway_unreachable") == 1, log
+    pulled = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert value(pulled, "textnlp_jobs_finished_total", model_name="demo", status="succeeded") == 12
 
     gateway.start()  # the same port: the worker's next tick finds it
     wait_for(lambda: worker_groups(gateway.url), 30, "pushing resumed on the next tick")
