@@ -22,7 +22,7 @@ from textnlp_jobs import local_stack
 from textnlp_jobs.db.migrate import upgrade
 from textnlp_jobs.db.session import dispose_engines, get_engine, session_factory
 from textnlp_jobs.inference import store
-from textnlp_jobs.inference.bootstrap import build_model
+from textnlp_jobs.inference.bootstrap import build_cached
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TEST_NODE = "testnode"
@@ -36,10 +36,14 @@ def _unavailable(error: Exception) -> None:
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real demo model (and the tiny one), built once per test run, as the CLI builds them."""
+    """The real demo model (and the tiny one), built as the CLI builds them: once per machine and
+    library versions (the build cache, as `models bootstrap` uses it), copied into each test run."""
+    from textnlp_jobs.settings import Settings
+
     root = tmp_path_factory.mktemp("model-store")
+    cache = Settings().model_cache_dir()
     for name in ("demo", "tiny"):
-        store.build_into_store(root, name, lambda target, name=name: build_model(name, target))
+        store.build_into_store(root, name, lambda target, name=name: build_cached(name, target, cache))
     return root
 
 
