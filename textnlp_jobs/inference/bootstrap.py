@@ -102,11 +102,16 @@ def bootstrap_model(settings: Settings, name: str, *,
         return Bootstrapped(name, version.version, path, from_cache)
 
 
+def cached_build(cache: Path | None, name: str) -> Path | None:
+    """Where ``cache`` keeps the build of recipe ``name`` (None without a cache); it may not exist yet."""
+    return cache / f"{name}-{recipe_key(name)}" if cache is not None else None
+
+
 def build_cached(name: str, target: Path, cache: Path | None, *,
                  progress: Callable[[int, int], None] | None = None) -> bool:
     """Write model ``name`` at ``target``: a copy from ``cache`` when it holds this recipe's build,
     else a fresh build that then fills the cache. Returns True when it came from the cache."""
-    cached = cache / f"{name}-{recipe_key(name)}" if cache is not None else None
+    cached = cached_build(cache, name)
     if cached is not None and cached.is_dir():
         shutil.copytree(cached, target, dirs_exist_ok=True)
         return True
