@@ -61,6 +61,9 @@ def test_json_output_of_submit_status_list_and_models_parses(embedded_stack: Loc
     assert [row["id"] for row in listing] == [job["id"]]
     models = json.loads(cli(embedded_stack, "models", "list", "--json").stdout)
     assert {"demo", "tiny"} <= {row["model"] for row in models}
+    cli(embedded_stack, "maintenance", "run", "jobs.reconcile", "--dry-run")
+    history = json.loads(cli(embedded_stack, "maintenance", "history", "--json").stdout)
+    assert history[0]["task"] == "jobs.reconcile" and history[0]["dry_run"] is True
 
 
 def test_tables_keep_full_ids_when_stdout_is_a_pipe(embedded_stack: LocalStack) -> None:

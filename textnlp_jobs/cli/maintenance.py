@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from textnlp_jobs.cli.base import console, ensure_ledger, maintenance_app
+from textnlp_jobs.cli.base import JsonOption, console, emit, ensure_ledger, maintenance_app
 from textnlp_jobs.settings import get_settings
 
 
@@ -18,7 +18,7 @@ def _when(moment: datetime | None) -> str:
 
 
 @maintenance_app.command("list")
-def maintenance_list() -> None:
+def maintenance_list(as_json: JsonOption = False) -> None:
     """Every maintenance task: queue, schedule (UTC), next run, last run and its status."""
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.maintenance.history import task_statuses
@@ -31,13 +31,14 @@ def maintenance_list() -> None:
     for row in rows:
         table.add_row(row.name, row.queue, row.schedule, _when(row.next_run), _when(row.last_run),
                       row.last_status or "-")
-    console.print(table)
+    emit(rows, as_json=as_json, render=table)
 
 
 @maintenance_app.command("history")
 def maintenance_history(
     task: Annotated[str | None, typer.Option("--task", help="Only this task.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs.")] = 20,
+    as_json: JsonOption = False,
 ) -> None:
     """The newest maintenance runs (from the maintenance_runs table), newest first."""
     from textnlp_jobs.db.session import session_factory
@@ -57,7 +58,7 @@ def maintenance_history(
                             default=str)
         table.add_row(str(run.id), run.task, run.status, "yes" if run.dry_run else "", _when(run.started_at),
                       seconds, result[:120])
-    console.print(table)
+    emit(runs, as_json=as_json, render=table)
 
 
 @maintenance_app.command("run")
