@@ -50,6 +50,7 @@ class ErrorCode(enum.StrEnum):
     JOBS_NOT_FOUND = "jobs.not_found"
     JOBS_WAIT_TIMEOUT = "jobs.wait_timeout"
     JOBS_ALREADY_FINISHED = "jobs.already_finished"
+    JOBS_NOT_REQUEUEABLE = "jobs.not_requeueable"
     JOB_CANCELLED = "job.cancelled"
     JOB_EXPIRED = "job.expired"
     JOB_MAX_ATTEMPTS = "job.max_attempts"
@@ -64,6 +65,10 @@ class ErrorCode(enum.StrEnum):
     LEDGER_UNREACHABLE = "ledger.unreachable"
     LEDGER_NOT_MIGRATED = "ledger.not_migrated"
     BROKER_UNREACHABLE = "broker.unreachable"
+
+    # Queues and maintenance.
+    QUEUE_NO_CONSUMER = "queue.no_consumer"
+    MAINTENANCE_UNKNOWN_TASK = "maintenance.unknown_task"
 
     # Models.
     MODELS_UNAVAILABLE = "models.unavailable"
