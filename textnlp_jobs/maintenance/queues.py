@@ -169,7 +169,7 @@ def requeue(settings: Settings, factory: sessionmaker[Session], celery: Celery, 
             model: str | None = None, limit: int = 100_000, dry_run: bool = False) -> dict[str, Any]:
     """Send jobs in ``status`` (dead by default) back to their queues with a new attempt budget, and
     drop their messages from ``textnlp.dead_letter``. Returns how many and which models."""
-    from textnlp_jobs.errors import ConfigurationError, ErrorCode
+    from textnlp_jobs.errors import ConfigurationError
     from textnlp_jobs.publish import publish_and_mark
 
     if status not in REQUEUEABLE:
