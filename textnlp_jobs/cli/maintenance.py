@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from textnlp_jobs.cli.base import JsonOption, console, emit, ensure_ledger, maintenance_app
+from textnlp_jobs.cli.base import JsonOption, emit, ensure_ledger, maintenance_app
 from textnlp_jobs.settings import get_settings
 
 
@@ -62,7 +62,8 @@ def maintenance_history(
 
 
 @maintenance_app.command("run")
-def maintenance_run(task: str, dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
+def maintenance_run(task: str, dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+                    as_json: JsonOption = False) -> None:
     """Run one maintenance task now (e.g. db.retention), with the same lock beat uses; --dry-run
     reports what it would do and changes nothing. Exit 1 when another run holds the lock."""
     from textnlp_jobs.maintenance.runner import run_maintenance
@@ -70,6 +71,6 @@ def maintenance_run(task: str, dry_run: Annotated[bool, typer.Option("--dry-run"
     settings = get_settings()
     ensure_ledger(settings)
     result = run_maintenance(task, dry_run=dry_run, settings=settings)
-    console.print(result)
+    emit(result, as_json=as_json)
     if result.get("status") == "locked":
         raise typer.Exit(1)

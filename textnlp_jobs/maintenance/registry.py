@@ -104,12 +104,12 @@ def load_tasks() -> dict[str, MaintenanceTask]:
 
 def get_task(name: str) -> MaintenanceTask:
     """The task called ``name``; a ConfigurationError naming the known ones if there is none."""
-    from textnlp_jobs.errors import ConfigurationError, ErrorCode
+    from textnlp_jobs.errors import ErrorCode, UsageError
 
     tasks = load_tasks()
     if name not in tasks:
-        raise ConfigurationError(f"unknown maintenance task {name!r} (known: {', '.join(tasks)})",
-                                 code=ErrorCode.MAINTENANCE_UNKNOWN_TASK)
+        raise UsageError(f"unknown maintenance task {name!r} (known: {', '.join(tasks)})",
+                         code=ErrorCode.MAINTENANCE_UNKNOWN_TASK)
     return tasks[name]
 
 
