@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from textnlp_jobs.constants import device_queue, generation_queue
-from textnlp_jobs.errors import ConfigurationError, TextNLPError
+from textnlp_jobs.errors import ConfigurationError, ErrorCode, TextNLPError
 from textnlp_jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     try:
         dev = DeviceId.parse(device)
     except ValueError as error:
-        raise ConfigurationError(str(error), code="config.device_invalid") from None
+        raise ConfigurationError(str(error), code=ErrorCode.CONFIG_DEVICE_INVALID) from None
     pin_device(dev.kind, dev.index)
     check_timeouts(settings)
     import torch
@@ -88,7 +88,8 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     # loop waits up to the switch interval (5 ms by default) each time. Shorter keeps the device fed.
     sys.setswitchinterval(0.0005)
     if dev.kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError(f"device {dev} requested but CUDA is not available", code="config.device_unavailable")
+        raise ConfigurationError(f"device {dev} requested but CUDA is not available",
+                                 code=ErrorCode.CONFIG_DEVICE_UNAVAILABLE)
 
     from textnlp_jobs.celery_app import app
     from textnlp_jobs.db.session import session_factory
