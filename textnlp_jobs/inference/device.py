@@ -29,8 +29,9 @@ from textnlp_jobs.errors import (
 )
 from textnlp_jobs.inference import store
 from textnlp_jobs.inference.batcher import MicroBatcher, PendingJob
-from textnlp_jobs.inference.groups import GroupRunner
+from textnlp_jobs.inference.continuous import ContinuousBatcher
 from textnlp_jobs.inference.engine import Engine, EngineRequest, SamplingParams
+from textnlp_jobs.inference.groups import GroupRunner
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.settings import Settings
 
@@ -76,6 +77,17 @@ def load_engines(settings: Settings, factory: sessionmaker[Session], device: Dev
     return engines
 
 
+def batching_mode(settings: Settings, engines: dict[str, Engine]) -> str:
+    """The device's loop: continuous when every model on it asks for continuous (or defaults to
+    it on this device) and its engine can decode row by row; static otherwise."""
+    modes = {name: settings.batching_for(name).mode_on(engine.device) for name, engine in engines.items()}
+    if modes and all(mode == "continuous" and hasattr(engines[name], "decoder") for name, mode in modes.items()):
+        return "continuous"
+    if "continuous" in modes.values():
+        log.warning("batching_mode_static device_models=%s reason=mixed_modes", modes)
+    return "static"
+
+
 class DeviceRuntime:
     """The models and batching loop of one device, and the per-job protocol around them."""
 
@@ -86,8 +98,10 @@ class DeviceRuntime:
         self.engines = engines
         self.worker_name = worker_name
         self.republish = republish
-        self.batcher = MicroBatcher(engines, settings.batching_for, drop_filter=self._drop_filter,
-                                    name=worker_name)
+        self.mode = batching_mode(settings, engines)
+        batcher = ContinuousBatcher if self.mode == "continuous" else MicroBatcher
+        self.batcher: MicroBatcher | ContinuousBatcher = batcher(
+            engines, settings.batching_for, drop_filter=self._drop_filter, name=worker_name)
         self.claims: GroupRunner[uuid.UUID, repo.ClaimOutcome] = GroupRunner("claim", self._claim_group)
         self.writes: GroupRunner[repo.Finished, bool] = GroupRunner("write", self._write_group)
 
