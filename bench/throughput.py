@@ -173,10 +173,13 @@ def run_direct_hf_continuous(engine: Any, prompt_ids: list[list[int]], limits: l
         def run(indices: range) -> int:
             ids = {manager.add_request(prompt_ids[i], request_id=f"r{i}", max_new_tokens=limits[i]) for i in indices}
             tokens = 0
+            give_up = time.monotonic() + 600
             while ids:
-                result = manager.get_result(timeout=60)
+                result = manager.get_result(timeout=1.0)
                 if result is None:
-                    raise RuntimeError(f"continuous batching manager stopped with {len(ids)} requests left")
+                    if not manager.is_running() or time.monotonic() > give_up:
+                        raise RuntimeError(f"continuous batching manager stopped with {len(ids)} requests left")
+                    continue
                 if result.request_id in ids and result.is_finished():
                     ids.discard(result.request_id)
                     generated = list(result.generated_tokens)
@@ -207,7 +210,9 @@ class Stack:
     """A scratch ledger and broker, the model registered, and helpers to run one worker on it."""
 
     def __init__(self, exits: ExitStack, *, name: str, model_path: Path, device: str, embedded: bool,
-                 torch_threads: int | None, worker_concurrency: int | None) -> None:
+                 torch_threads: int | None, worker_concurrency: int | None,
+                 postgres: str = "postgresql+psycopg://postgres@127.0.0.1:5432",
+                 redis: str = "127.0.0.1:6379") -> None:
         from textnlp_jobs import local_stack
         from textnlp_jobs.client import Client
         from textnlp_jobs.db.migrate import upgrade
@@ -226,8 +231,9 @@ class Stack:
             "TEXTNLP_PLACEMENT": json.dumps({"*": [name]}),
         }
         if not embedded:
-            env["TEXTNLP_DATABASE_URL"] = exits.enter_context(local_stack.scratch_postgres())
-            env["TEXTNLP_BROKER_URL"] = exits.enter_context(local_stack.scratch_redis())
+            env["TEXTNLP_DATABASE_URL"] = exits.enter_context(local_stack.scratch_postgres(postgres))
+            host, _, port = redis.partition(":")
+            env["TEXTNLP_BROKER_URL"] = exits.enter_context(local_stack.scratch_redis(host, int(port or 6379)))
         exits.callback(dispose_engines)
         self.stack = local_stack.LocalStack(env, self.workdir)
         exits.callback(self.stack.stop_all)  # runs before the scratch database is dropped
@@ -468,7 +474,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     with ExitStack() as exits:
         stack = Stack(exits, name=name, model_path=path, device=args.device, embedded=args.embedded,
-                      torch_threads=args.torch_threads, worker_concurrency=args.worker_concurrency)
+                      torch_threads=args.torch_threads, worker_concurrency=args.worker_concurrency,
+                      postgres=args.postgres, redis=args.redis)
         mode = "embedded (SQLite + filesystem broker)" if args.embedded else "PostgreSQL + Redis"
         result["stack"] = mode
         say(f"{name}: scratch stack {mode}, workdir {stack.workdir}")
@@ -652,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
                              "max_batch_tokens (0 = its default; empty skips it)")
     parser.add_argument("--device", default="cpu.0", help="cpu.0 or cuda.N")
     parser.add_argument("--embedded", action="store_true", help="SQLite + filesystem broker; no servers")
+    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432",
+                        help="PostgreSQL server for the scratch database")
+    parser.add_argument("--redis", default="127.0.0.1:6379", help="Redis server (host:port) for the scratch db number")
     parser.add_argument("--unbatched-jobs", type=int, default=None, help="M: jobs at max_batch=1 (default 0: skipped)")
     parser.add_argument("--latency-seconds", type=float, default=15.0, help="steady-load run; 0 skips it")
     parser.add_argument("--load-fraction", type=float, default=0.5, help="offered load / batched capacity")

@@ -73,7 +73,7 @@ class TransformersDecoder:
         self.engine = engine
         self.torch = torch
         self.rows: list[_Row] = []
-        self.layers: list[tuple[Any, Any]] = []  # per layer (keys, values): [rows, heads, T, dim]
+        self.cache: Any = None  # a DynamicCache, per layer keys/values [rows, heads, T, dim]
         self.mask: Any = None  # [rows, T]: 1 where the cache holds a real token
         self.last: Any = None  # [rows]: each row's newest token, not yet in the cache
         self.positions: Any = None  # [rows]: that token's position
@@ -105,14 +105,14 @@ class TransformersDecoder:
             output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True)
             chosen = self._choose(output.logits[:, -1, :], new)
-        layers = self._layers_of(cache)
         if self.rows:
-            layers, mask = self._merge(layers, mask)
+            layers, mask = self._merge(self._layers_of(cache), mask)
+            cache = self._new_cache(layers)
             self.last = torch.cat([self.last, chosen])
             self.positions = torch.cat([self.positions, positions[:, -1] + 1])
         else:
             self.last, self.positions = chosen, positions[:, -1] + 1
-        self.layers, self.mask = layers, mask
+        self.cache, self.mask = cache, mask
         self.rows.extend(new)
         return self._leave()
 
@@ -121,12 +121,13 @@ class TransformersDecoder:
             return []
         torch = self.torch
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        cache = self._new_cache(self.layers)
         with self._guard(len(self.rows)), torch.inference_mode():
+            # The cache grows in place by one column per layer, as in generate().
             output = self.engine.model(input_ids=self.last.unsqueeze(1), attention_mask=mask,
-                                       position_ids=self.positions.unsqueeze(1), past_key_values=cache, use_cache=True)
+                                       position_ids=self.positions.unsqueeze(1), past_key_values=self.cache,
+                                       use_cache=True)
             self.last = self._choose(output.logits[:, -1, :], self.rows)
-        self.layers, self.mask = self._layers_of(cache), mask
+        self.mask = mask
         self.positions = self.positions + 1
         return self._leave()
 
@@ -163,7 +164,7 @@ class TransformersDecoder:
     def _keep(self, keep: list[int]) -> None:
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.layers, self.mask, self.last, self.positions = [], None, None, None
+            self.cache, self.mask, self.last, self.positions = None, None, None, None
             return
         index = self.torch.tensor(keep, device=self.mask.device)
         mask = self.mask.index_select(0, index)
@@ -171,8 +172,8 @@ class TransformersDecoder:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else mask.shape[1]
         self.mask = mask[:, start:]
-        self.layers = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                       for k, v in self.layers]
+        self.cache = self._new_cache([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                                      for k, v in self._layers_of(self.cache)])
         self.last = self.last.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
 
@@ -189,7 +190,7 @@ class TransformersDecoder:
             return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
 
         layers = [(torch.cat([pad(k, 2), pad(nk, 2)]), torch.cat([pad(v, 2), pad(nv, 2)]))
-                  for (k, v), (nk, nv) in zip(self.layers, new_layers, strict=True)]
+                  for (k, v), (nk, nv) in zip(self._layers_of(self.cache), new_layers, strict=True)]
         return layers, torch.cat([pad(self.mask, 1), pad(new_mask, 1)])
 
     def _new_cache(self, layers: Sequence[tuple[Any, Any]] = ()) -> Any:
