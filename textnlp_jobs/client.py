@@ -27,7 +27,7 @@ from textnlp_jobs.celery_app import create_app
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.repository import Job
 from textnlp_jobs.db.session import session_factory
-from textnlp_jobs.errors import InputError, JobNotFoundError, TextNLPError
+from textnlp_jobs.errors import ErrorCode, InputError, JobNotFoundError, JobWaitTimeout
 from textnlp_jobs.inference import store
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.publish import publish_and_mark
@@ -40,17 +40,11 @@ INSERT_BATCH = 1000
 _MODEL_CACHE_SECONDS = 30.0
 
 
-class JobWaitTimeout(TextNLPError):
-    """``wait`` ran out of time before every job finished."""
-
-    code = "jobs.wait_timeout"
-
-
 def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
     try:
         return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
     except ValueError:
-        raise InputError("id", f"{job_id!r} is not a job id", code="input.job_id_invalid") from None
+        raise InputError("id", f"{job_id!r} is not a job id", code=ErrorCode.INPUT_JOB_ID_INVALID) from None
 
 
 class Client:
