@@ -7,8 +7,10 @@ reach the device), then runs one decode step of every non-empty batch; a row tha
 leaves at once and its job's future is resolved. While rows decode, ``drop_filter`` is asked
 again every ``recheck_seconds``, so a job cancelled or past its deadline mid-decode stops there.
 An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched; a
-running one takes newcomers at the next step. Out-of-memory while admitting splits the
-newcomers; while decoding, the newest half of the rows go back to the head of the queue (they
+running one takes newcomers at the next step (once an eighth of its rows are free, or at once
+while it is less than half full, so prefills and cache merges stay batched). Out-of-memory while
+admitting splits the newcomers (one that still does not fit beside the running rows waits for
+them); while decoding, the newest half of the rows go back to the head of the queue (they
 restart from their prompt, with fresh seeded generators) and the batch holds at most the rows
 it kept until it empties. A row that alone runs out of memory fails.
 """
@@ -166,7 +168,12 @@ class ContinuousBatcher:
                 limit = self.policy_for(pending.model).max_batch
                 if running is not None and running.cap is not None:
                     limit = min(limit, running.cap)
-                free[pending.model] = limit - (len(running.jobs) if running else 0)
+                rows = len(running.jobs) if running else 0
+                free[pending.model] = limit - rows
+                # A prefill and a cache merge cost about a step each: a well-filled batch takes
+                # newcomers in groups (an eighth of its rows) rather than one per step.
+                if rows * 2 >= limit and free[pending.model] < max(1, limit // 8):
+                    free[pending.model] = 0
             if free[pending.model] > 0:
                 free[pending.model] -= 1
                 taken.append(pending)
@@ -215,6 +222,12 @@ class ContinuousBatcher:
         try:
             finished = running.decoder.admit([(id(job), job.request) for job in jobs])
         except Exception as error:
+            if len(jobs) == 1 and isinstance(error, OutOfMemoryError) and running.jobs:
+                # No room beside the rows already decoding: wait for them, do not fail the job.
+                running.cap = len(running.jobs)
+                with self._changed:
+                    self._pending.appendleft(jobs[0])
+                return
             if len(jobs) == 1:
                 self._set_error(jobs[0], error if isinstance(error, TextNLPError)
                                 else InferenceError(f"generation failed: {type(error).__name__}: {error}"))

@@ -19,6 +19,7 @@ bench/throughput.py as a direct baseline.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -230,13 +231,16 @@ class _OomGuard:
 
 
 class StubDecoder:
-    """The stub engine's running batch: each step emits the next of the prompt's ids reversed.
-    ``fail_above`` rows raise out-of-memory, as the stub engine's batches do."""
+    """The stub engine's running batch: each step emits the next of the prompt's ids reversed (the
+    stub engine's text). ``fail_above`` rows raise out-of-memory, as the stub engine's batches
+    do; ``batches`` records the running rows after each admission; ``step_seconds`` slows steps."""
 
-    def __init__(self, fail_above: int | None = None) -> None:
+    def __init__(self, fail_above: int | None = None, batches: list[int] | None = None,
+                 step_seconds: float = 0.0) -> None:
         self.fail_above = fail_above
         self.rows: list[_Row] = []
-        self.admitted: list[int] = []  # sizes of the running batch after each admission
+        self.batches = batches if batches is not None else []  # running rows after each admission
+        self.step_seconds = step_seconds
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -248,10 +252,12 @@ class StubDecoder:
         if self.fail_above is not None and len(self.rows) + len(rows) > self.fail_above:
             raise OutOfMemoryError(f"stub out of memory at {len(self.rows) + len(rows)} rows")
         self.rows.extend(_Row(key, request, None) for key, request in rows)
-        self.admitted.append(len(self.rows))
+        self.batches.append(len(self.rows))
         return self.step()
 
     def step(self) -> Finished:
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         done: Finished = []
         for row in self.rows:
             source = list(reversed(row.request.prompt_ids))

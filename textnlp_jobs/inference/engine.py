@@ -250,8 +250,9 @@ class StubEngine:
     """A deterministic engine with no model: text is the prompt's words reversed, one token per
     word. For unit tests of the batching loop; ``fail_above`` simulates out-of-memory."""
 
-    def __init__(self, model_name: str = "stub", *, fail_above: int | None = None) -> None:
+    def __init__(self, model_name: str = "stub", *, fail_above: int | None = None, step_seconds: float = 0.0) -> None:
         self.model_name = model_name
+        self.step_seconds = step_seconds
         self.model_version = "stub-1"
         self.device = "cpu"
         self.fail_above = fail_above
@@ -265,7 +266,7 @@ class StubEngine:
     def decoder(self) -> Any:
         from textnlp_jobs.inference.decoders import StubDecoder
 
-        return StubDecoder(self.fail_above)
+        return StubDecoder(self.fail_above, self.batches, self.step_seconds)
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         if self.fail_above is not None and len(requests) > self.fail_above:
