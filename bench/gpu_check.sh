@@ -18,7 +18,8 @@
 #      a larger max_batch_tokens), then the system (submit_many -> Redis -> one device worker ->
 #      PostgreSQL -> wait) with max_batch = the largest batch, on the uniform workload and the
 #      mixed one (--max-new-tokens-range 8:128); it prints system / best direct per workload;
-#   3. (GPU_CHECK_DEMO=1) the same, smaller, on `demo` (carry bench/.models/demo to skip training).
+#   3. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
+#      bench/.models/demo to skip training it).
 # Results (logs, BENCH_RESULT lines) are copied to $OUT when it is set. Exit status: the number of
 # failed steps.
 
@@ -65,7 +66,7 @@ fi
 if [ "$HAVE_GPU" = 1 ]; then
     DEVICE=${DEVICE:-cuda.0}
     SMALL_ARGS=${SMALL_ARGS:---model small --jobs 512 --batches 32,64,128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens 0,8192 --latency-seconds 0}
-    DEMO_ARGS=${DEMO_ARGS:---model demo --jobs 512 --batches 32,128 --max-new-tokens 32 --hf-max-batch-tokens 0 --latency-seconds 0}
+    DEMO_ARGS=${DEMO_ARGS:---model demo --jobs 512 --batches 32 --max-new-tokens 32 --hf-max-batch-tokens "" --latency-seconds 0 --torch-threads 2}
 else
     DEVICE=${DEVICE:-cpu.0}
     SMALL_ARGS=${SMALL_ARGS:---model tiny --jobs 24 --batches 4,8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
@@ -142,10 +143,13 @@ for i in range(torch.cuda.device_count()):
 # --- 2. throughput on small, PostgreSQL + Redis ---------------------------------------------
 # shellcheck disable=SC2086  # the *_ARGS are word lists on purpose
 step bench-small "${SMALL_LIMIT:-240}" "$PY" bench/throughput.py $SMALL_ARGS --device "$DEVICE" "${SERVERS[@]}"
-if [ "${GPU_CHECK_DEMO:-0}" = 1 ]; then
+# DEMO_DEVICES="cuda.0 cpu.0": demo on the GPU and on this machine's CPU (overhead per job with no
+# other load on the CPUs; the 2-core development machine is shared and noisy).
+for demo_device in ${DEMO_DEVICES:-}; do
     # shellcheck disable=SC2086
-    step bench-demo "${DEMO_LIMIT:-120}" "$PY" bench/throughput.py $DEMO_ARGS --device "$DEVICE" "${SERVERS[@]}"
-fi
+    step "bench-demo-${demo_device/./}" "${DEMO_LIMIT:-120}" "$PY" bench/throughput.py $DEMO_ARGS \
+        --device "$demo_device" "${SERVERS[@]}"
+done
 [ "$HAVE_GPU" = 1 ] && timeout 20 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv
 
 # --- summary ------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class _Row:
     generator: Any
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    done: bool = False  # left the batch; its tensor row stays (masked, idle) until compaction
 
 
 class TransformersDecoder:
@@ -78,12 +79,13 @@ class TransformersDecoder:
         self.mask: Any = None  # [rows, T]: 1 where the cache holds a real token
         self.last: Any = None  # [rows]: each row's newest token, not yet in the cache
         self.positions: Any = None  # [rows]: that token's position
+        self.alive: Any = None  # [rows]: 1 for a row still decoding, 0 for one that left
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return sum(1 for row in self.rows if not row.done)
 
     def keys(self) -> list[Hashable]:
-        return [row.key for row in self.rows]
+        return [row.key for row in self.rows if not row.done]
 
     def admit(self, rows: Sequence[tuple[Hashable, EngineRequest]]) -> Finished:
         torch = self.torch
@@ -106,19 +108,23 @@ class TransformersDecoder:
             output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True)
             chosen = self._choose(output.logits[:, -1, :], new)
+        if any(row.done for row in self.rows):
+            self._keep([i for i, row in enumerate(self.rows) if not row.done])
+        alive = torch.ones_like(chosen)
         if self.rows:
             layers, mask = self._merge(self._layers_of(cache), mask)
             cache = self._new_cache(layers)
             self.last = torch.cat([self.last, chosen])
             self.positions = torch.cat([self.positions, positions[:, -1] + 1])
+            self.alive = torch.cat([self.alive, alive])
         else:
-            self.last, self.positions = chosen, positions[:, -1] + 1
+            self.last, self.positions, self.alive = chosen, positions[:, -1] + 1, alive
         self.cache, self.mask = cache, mask
         self.rows.extend(new)
         return self._leave()
 
     def step(self) -> Finished:
-        if not self.rows:
+        if not len(self):
             return []
         torch = self.torch
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
@@ -129,13 +135,11 @@ class TransformersDecoder:
                                        use_cache=True)
             self.last = self._choose(output.logits[:, -1, :], self.rows)
         self.mask = mask
-        self.positions = self.positions + 1
+        self.positions = self.positions + self.alive  # a row that left stays put (within its positions)
         return self._leave()
 
     def evict(self, keys: Collection[Hashable]) -> None:
-        keep = [i for i, row in enumerate(self.rows) if row.key not in keys]
-        if len(keep) != len(self.rows):
-            self._keep(keep)
+        self._retire([i for i, row in enumerate(self.rows) if not row.done and row.key in keys])
 
     # --- internals ---------------------------------------------------------------------------
     def _choose(self, logits: Any, rows: Sequence[_Row]) -> Any:
@@ -143,29 +147,42 @@ class TransformersDecoder:
         chosen, picked = choose_tokens(logits, [row.request for row in rows], [row.generator for row in rows],
                                        first, self.engine.eos_id, self.engine.vocab_limit)
         for row, token, logprob in zip(rows, chosen.tolist(), picked.tolist(), strict=True):
-            row.tokens.append(token)
-            row.logprobs.append(logprob)
+            if not row.done:
+                row.tokens.append(token)
+                row.logprobs.append(logprob)
         return chosen
 
     def _leave(self) -> Finished:
         eos = self.engine.eos_id
         done: Finished = []
-        keep = []
+        leaving = []
         for i, row in enumerate(self.rows):
+            if row.done:
+                continue
             if row.tokens[-1] == eos or len(row.tokens) >= row.request.max_new_tokens:
                 tokens = row.tokens[:-1] if row.tokens[-1] == eos else row.tokens
                 text = str(self.engine.tokenizer.decode(tokens, skip_special_tokens=True))
                 done.append((row.key, EngineResult(text, tokens, row.logprobs[: len(tokens)])))
-            else:
-                keep.append(i)
-        if done:
-            self._keep(keep)
+                leaving.append(i)
+        self._retire(leaving)
         return done
+
+    def _retire(self, indices: list[int]) -> None:
+        """Rows leave at once; their tensor rows are dropped in bulk (a quarter of the batch, or
+        at the next admission), since every compaction copies the whole cache."""
+        if not indices:
+            return
+        for i in indices:
+            self.rows[i].done = True
+        self.alive[indices] = 0
+        dead = sum(1 for row in self.rows if row.done)
+        if dead * 4 >= len(self.rows):
+            self._keep([i for i, row in enumerate(self.rows) if not row.done])
 
     def _keep(self, keep: list[int]) -> None:
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache, self.mask, self.last, self.positions = None, None, None, None
+            self.cache, self.mask, self.last, self.positions, self.alive = None, None, None, None, None
             return
         index = self.torch.tensor(keep, device=self.mask.device)
         mask = self.mask.index_select(0, index)
@@ -177,6 +194,7 @@ class TransformersDecoder:
                                       for k, v in self._layers_of(self.cache)])
         self.last = self.last.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
+        self.alive = self.alive.index_select(0, index)
 
     def _merge(self, new_layers: list[tuple[Any, Any]], new_mask: Any) -> tuple[list[tuple[Any, Any]], Any]:
         torch = self.torch
