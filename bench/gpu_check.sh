@@ -66,7 +66,7 @@ fi
 if [ "$HAVE_GPU" = 1 ]; then
     DEVICE=${DEVICE:-cuda.0}
     SMALL_ARGS=${SMALL_ARGS:---model small --jobs 512 --batches 32,64,128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens 0,8192 --latency-seconds 0}
-    DEMO_ARGS=${DEMO_ARGS:---model demo --jobs 512 --batches 32 --max-new-tokens 32 --hf-max-batch-tokens "" --latency-seconds 0 --torch-threads 2}
+    DEMO_ARGS=${DEMO_ARGS:---model demo --jobs 512 --batches 32 --max-new-tokens 32 --hf-max-batch-tokens=, --latency-seconds 0 --torch-threads 2}
 else
     DEVICE=${DEVICE:-cpu.0}
     SMALL_ARGS=${SMALL_ARGS:---model tiny --jobs 24 --batches 4,8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
