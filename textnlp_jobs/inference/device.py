@@ -82,7 +82,10 @@ def batching_mode(settings: Settings, engines: dict[str, Engine]) -> str:
     """The device's loop: continuous when every model on it asks for continuous (or defaults to
     it on this device) and its engine can decode row by row; static otherwise."""
     modes = {name: settings.batching_for(name).mode_on(engine.device) for name, engine in engines.items()}
-    if modes and all(mode == "continuous" and hasattr(engines[name], "decoder") for name, mode in modes.items()):
+    def can_continue(engine: Engine) -> bool:
+        return bool(getattr(engine, "supports_continuous", hasattr(engine, "decoder")))
+
+    if modes and all(mode == "continuous" and can_continue(engines[name]) for name, mode in modes.items()):
         return "continuous"
     if "continuous" in modes.values():
         log.warning("batching_mode_static device_models=%s reason=mixed_modes", modes)

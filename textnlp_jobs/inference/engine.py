@@ -200,6 +200,12 @@ class TransformersEngine:
     def generator_for(self, request: EngineRequest) -> Any:
         return seeded_generator(request, self.device)
 
+    @property
+    def supports_continuous(self) -> bool:
+        """The continuous decoder merges and trims full-attention caches; a sliding-window model
+        (its cache layers roll) runs static."""
+        return not getattr(self.model.config.get_text_config(), "sliding_window", None)
+
     def decoder(self) -> Any:
         """A running batch for continuous batching (``decoders.TransformersDecoder``)."""
         from textnlp_jobs.inference.decoders import TransformersDecoder
