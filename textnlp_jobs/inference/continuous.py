@@ -2,10 +2,11 @@
 
 Same interface as ``batcher.MicroBatcher`` (``submit``, ``call_on_loop``, ``start``, ``stop``).
 One loop thread owns every model's running batch (``decoders.Decoder``). Each turn it admits
-waiting jobs into the free rows of their model's batch (jobs dropped by ``drop_filter`` never
-reach the device), then runs one decode step of every non-empty batch; a row that finished
-leaves at once and its job's future is resolved. While rows decode, ``drop_filter`` is asked
-again every ``recheck_seconds``, so a job cancelled or past its deadline mid-decode stops there.
+waiting jobs into the free rows of their model's batch (an idle device asks ``drop_filter``
+first, so cancelled or overdue jobs never reach it), then runs one decode step of every non-empty batch; a row that finished
+leaves at once and its job's future is resolved. For waiting and decoding jobs ``drop_filter``
+is asked every ``recheck_seconds`` by a checker thread (so the ledger round trip never stalls a
+decode step), and a job cancelled or past its deadline mid-decode stops at the next step.
 An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched; a
 running one takes newcomers at the next step (once an eighth of its rows are free, or at once
 while it is less than half full, so prefills and cache merges stay batched). Out-of-memory while
@@ -75,7 +76,10 @@ class ContinuousBatcher:
         self._changed = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._last_check = 0.0
+        self._checker: threading.Thread | None = None
+        self._stop_checking = threading.Event()
+        self._gone: set[Any] = set()  # job ids the checker found cancelled or overdue
+        self._riding: list[PendingJob] = []  # the loop's latest list of jobs in running batches
 
     # --- the callers' side -----------------------------------------------------------------
     def submit(self, job_id: Any, model: str, request: EngineRequest) -> Future[BatchedResult]:
@@ -100,6 +104,9 @@ class ContinuousBatcher:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"continuous-{self.name}", daemon=True)
         self._thread.start()
+        if self.drop_filter is not None:
+            self._checker = threading.Thread(target=self._check_loop, name=f"drop-check-{self.name}", daemon=True)
+            self._checker.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the step in flight; every job still decoding or waiting is failed with
@@ -109,6 +116,9 @@ class ContinuousBatcher:
             self._changed.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._stop_checking.set()
+        if self._checker is not None:
+            self._checker.join(timeout)
         error = WorkerShuttingDownError(f"{self.name} stopped")
         with self._changed:
             while self._pending:
@@ -126,11 +136,12 @@ class ContinuousBatcher:
                 return
             try:
                 self._run_calls()
+                self._drop_gone()
                 self._admit(admissions)
-                self._recheck()
                 for model, running in list(self._running.items()):
                     if running.jobs:
                         self._step(model, running)
+                self._riding = [job for running in self._running.values() for job, _, _ in running.jobs.values()]
             except BaseException as error:  # the loop must outlive any one step
                 log.exception("continuous_loop_crashed device=%s", self.name)
                 self._fail_everything(InferenceError(f"decode loop failed: {type(error).__name__}"))
@@ -203,7 +214,9 @@ class ContinuousBatcher:
             return set()
 
     def _admit(self, admissions: list[PendingJob]) -> None:
-        dropped = self._dropped(admissions)
+        # An idle device asks the ledger now (nothing waits on it); a busy one relies on the
+        # checker thread, so a ledger round trip never stalls the rows decoding.
+        dropped = set() if self._busy() else self._dropped(admissions)
         by_model: dict[str, list[PendingJob]] = {}
         for pending in admissions:
             if pending.job_id in dropped:
@@ -289,21 +302,35 @@ class ContinuousBatcher:
         if not running.jobs:
             running.cap = None
 
-    def _recheck(self) -> None:
-        """Mid-decode: drop rows whose job was cancelled or overdue since it was admitted."""
-        now = time.monotonic()
-        if self.drop_filter is None or now - self._last_check < self.recheck_seconds or not self._busy():
-            return
-        self._last_check = now
-        for running in self._running.values():
-            jobs = {key: job for key, (job, _, _) in running.jobs.items()}
-            dropped = self._dropped(list(jobs.values()))
-            gone = {key for key, job in jobs.items() if job.job_id in dropped}
+    def _check_loop(self) -> None:
+        """Every ``recheck_seconds``: ask the ledger which waiting or decoding jobs were cancelled
+        or passed their deadline; the loop drops them at its next step."""
+        while not self._stop_checking.wait(self.recheck_seconds):  # its own wake-up, not the loop's
+            with self._changed:
+                jobs = list(self._pending) + list(self._riding)
+            gone = self._dropped(jobs)
             if gone:
-                running.decoder.evict(gone)
-                for key in gone:
+                with self._changed:
+                    self._gone |= gone
+
+    def _drop_gone(self) -> None:
+        with self._changed:
+            gone, self._gone = self._gone, set()
+            if not gone:
+                return
+            waiting = [p for p in self._pending if p.job_id in gone]
+            self._pending = deque(p for p in self._pending if p.job_id not in gone)
+        for pending in waiting:
+            self._set_error(pending, JobDroppedError("cancelled or overdue before generation"))
+        for running in self._running.values():
+            keys = {key for key, (job, _, _) in running.jobs.items() if job.job_id in gone}
+            if keys:
+                running.decoder.evict(keys)
+                for key in keys:
                     job, _, _ = running.jobs.pop(key)
                     self._set_error(job, JobDroppedError("cancelled or overdue while decoding"))
+                if not running.jobs:
+                    running.cap = None
 
     def _fail_everything(self, error: BaseException) -> None:
         for running in self._running.values():
