@@ -60,7 +60,8 @@ def alone(engine: TransformersEngine, requests: list[EngineRequest]) -> list[Bat
 
 
 def test_greedy_jobs_give_the_same_tokens_in_a_continuous_batch_as_alone(engine: TransformersEngine) -> None:
-    requests = [EngineRequest(engine.tokenize(p), n, GREEDY) for p, n in zip(PROMPTS, [16, 3, 7, 16, 1, 9], strict=True)]
+    limits = [16, 3, 7, 16, 1, 9]
+    requests = [EngineRequest(engine.tokenize(p), n, GREEDY) for p, n in zip(PROMPTS, limits, strict=True)]
     batched = run(continuous(engine, 6), requests)
     single = alone(engine, requests)
     assert max(r.batch_size for r in batched) == 6
