@@ -2,18 +2,18 @@
 
 Same interface as ``batcher.MicroBatcher`` (``submit``, ``call_on_loop``, ``start``, ``stop``).
 One loop thread owns every model's running batch (``decoders.Decoder``). Each turn it admits
-waiting jobs into the free rows of their model's batch (an idle device asks ``drop_filter``
-first, so cancelled or overdue jobs never reach it), then runs one decode step of every
-non-empty batch; a row that finished leaves at once and its job's future is resolved. For
-waiting and decoding jobs ``drop_filter`` is asked every ``recheck_seconds`` by a checker thread (so the ledger round trip never stalls a
-decode step), and a job cancelled or past its deadline mid-decode stops at the next step.
-An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched; a
+waiting jobs into the free rows of their model's batch (an idle device asks ``drop_filter`` first,
+so cancelled or overdue jobs never reach it), then runs one decode step of every non-empty batch;
+a row that finished leaves at once and its job's future is resolved. For waiting and decoding jobs
+``drop_filter`` is asked every ``recheck_seconds`` by a checker thread (so the ledger round trip
+never stalls a decode step), and a job cancelled or past its deadline mid-decode stops at the next
+step. An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched; a
 running one takes newcomers at the next step (once an eighth of its rows are free, or at once
 while it is less than half full, so prefills and cache merges stay batched). Out-of-memory while
 admitting splits the newcomers (one that still does not fit beside the running rows waits for
-them); while decoding, the newest half of the rows go back to the head of the queue (they
-restart from their prompt, with fresh seeded generators) and the batch holds at most the rows
-it kept until it empties. A row that alone runs out of memory fails.
+them); while decoding, the newest half of the rows go back to the head of the queue (they restart
+from their prompt, with fresh seeded generators) and the batch holds at most the rows it kept
+until it empties. A row that alone runs out of memory fails.
 """
 
 from __future__ import annotations
