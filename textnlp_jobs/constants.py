@@ -8,6 +8,8 @@ GENERATION_QUEUE_PREFIX: Final = "textnlp.gen."
 DEVICE_QUEUE_PREFIX: Final = "textnlp.gpu."
 QUALITY_QUEUE: Final = "textnlp.quality"
 MAINTENANCE_QUEUE: Final = "textnlp.maintenance"
+# Messages no consumer can decode or run: kept for inspection and requeue, never dropped.
+DEAD_LETTER_QUEUE: Final = "textnlp.dead_letter"
 
 GENERATE_TASK: Final = "textnlp.generate"
 RECONCILE_TASK: Final = "jobs.reconcile"
@@ -22,14 +24,3 @@ KOMBU_UNACKED_INDEX_KEY: Final = "unacked_index"
 def generation_queue(model: str) -> str:
     """The queue every device hosting ``model`` consumes (competing consumers)."""
     return f"{GENERATION_QUEUE_PREFIX}{model}"
-
-
-def device_queue(node: str, device: str) -> str:
-    """The queue only one device consumes: pinned jobs land here.
-
-    ``device`` is a normalised device id (``cuda.0``, ``cpu.1``); a CUDA device is named by its
-    index alone (``textnlp.gpu.host.0``) as the design's queue table shows.
-    """
-    kind, _, index = device.partition(".")
-    suffix = index if kind == "cuda" else f"{kind}{index}"
-    return f"{DEVICE_QUEUE_PREFIX}{node}.{suffix}"

@@ -84,3 +84,57 @@ class WorkerShuttingDownError(InferenceError):
 
     code = "inference.shutdown"
     retryable = True
+
+
+class DeviceInUseError(ConfigurationError):
+    """Another live worker already serves this device; a second one refuses to start."""
+
+    code = "config.device_in_use"
+
+
+class UnknownDeviceError(InputError):
+    """The job is pinned to a device no worker has ever served."""
+
+    def __init__(self, device: str, known: list[str]) -> None:
+        listing = ", ".join(sorted(known)) or "none registered yet: start a device worker first"
+        super().__init__("device", f"unknown device {device!r} (known: {listing})", code="input.unknown_device")
+
+
+class IdempotencyConflictError(InputError):
+    """An idempotency key already names a job with different parameters."""
+
+    def __init__(self, key: str, differing: list[str]) -> None:
+        super().__init__("idempotency_key", f"{key!r} was used for a job with a different {', '.join(differing)}",
+                         code="input.idempotency_conflict")
+        self.differing = differing
+
+
+class LedgerError(TextNLPError):
+    """The ledger cannot be used."""
+
+    code = "db.error"
+
+
+class LedgerUnavailableError(LedgerError):
+    """The ledger's database does not answer."""
+
+    code = "db.unavailable"
+
+
+class LedgerNotMigratedError(LedgerError):
+    """The ledger's schema is not at the newest migration."""
+
+    code = "db.not_migrated"
+
+
+class BrokerUnavailableError(TextNLPError):
+    """The broker does not answer."""
+
+    code = "broker.unavailable"
+
+
+class JobFailedError(TextNLPError):
+    """Raised by the generation task after a job ended failed or dead, so Celery and Flower show
+    the task as failed; the row is already written and the message is acked, never retried."""
+
+    code = "job.failed"

@@ -70,6 +70,17 @@ class Settings(BaseSettings):
     filesystem_polling_interval: float = Field(0.05, gt=0)
     reconcile_interval_seconds: float = Field(300.0, gt=0)
 
+    # Worker liveness: a device worker refreshes its heartbeat every interval; once it is older
+    # than the TTL the worker counts as dead and its running jobs are rescued by a live peer, the
+    # worker that replaces it, or the reconciler, without waiting for their lease.
+    heartbeat_interval_seconds: float = Field(2.0, gt=0)
+    heartbeat_ttl_seconds: float = Field(15.0, gt=0)
+    # `worker --all-devices` restarts a crashed device worker after a delay that doubles from
+    # the first to the last value with each crash in a row (reset after a worker ran a while).
+    restart_backoff_seconds: tuple[float, float] = (1.0, 60.0)
+    # Flower refuses basic-auth passwords shorter than this.
+    flower_min_password_length: int = Field(12, ge=1)
+
     @field_validator("placement")
     @classmethod
     def _placement_has_models(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:

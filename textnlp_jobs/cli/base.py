@@ -30,8 +30,13 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ledger(settings: Settings) -> None:
-    """The embedded ledger migrates itself on first use; PostgreSQL waits for `db upgrade`."""
+    """The embedded ledger migrates itself on first use; PostgreSQL waits for `db upgrade`
+    (a schema behind the code is one line, ``db.not_migrated``, not a traceback)."""
     if settings.database_url is None:
         from textnlp_jobs.db.migrate import upgrade
 
         upgrade(settings.database_url_value())
+    else:
+        from textnlp_jobs.db.health import require_current_schema
+
+        require_current_schema(settings)

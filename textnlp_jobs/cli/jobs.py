@@ -11,6 +11,9 @@ from textnlp_jobs.cli.base import app, console, ensure_ledger, jobs_app
 from textnlp_jobs.display import job_table, progress_bar
 from textnlp_jobs.settings import get_settings
 
+# `submit` exit status when the jobs were created but the broker was unreachable (see README).
+EXIT_QUEUED_UNPUBLISHED = 3
+
 
 @app.command()
 def submit(
@@ -40,9 +43,19 @@ def submit(
         spec["max_new_tokens"] = max_new_tokens
     specs = [dict(spec, idempotency_key=f"{idempotency_key}:{i}" if idempotency_key and count > 1
                   else idempotency_key) for i in range(count)]
+    unpublished: list[Exception] = []
     with progress_bar(console) as bar:
         task = bar.add_task("submitting", total=len(specs))
-        jobs = client.submit_many(specs, progress=lambda n: bar.advance(task, n))
+        jobs = client.submit_many(specs, progress=lambda n: bar.advance(task, n),
+                                  on_unpublished=lambda _count, error: unpublished.append(error))
+    if unpublished:
+        # The jobs exist (the ledger is the truth): print their ids, warn on stderr, and exit
+        # with a code of its own so scripts know not to submit again.
+        for job in jobs:
+            print(job.id)
+        print(f"warning broker.unavailable: the broker could not be reached; {len(jobs)} job(s) are queued in "
+              "the ledger and the reconciler will send them", file=sys.stderr)
+        raise typer.Exit(EXIT_QUEUED_UNPUBLISHED)
     if not wait:
         for job in jobs:
             console.print(str(job.id))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import typer
 
 from textnlp_jobs.cli.base import app, console, ensure_ledger
 from textnlp_jobs.settings import get_settings
+from textnlp_jobs.supervisor import Child, supervise
 
 
 def _visible_gpus() -> int:
@@ -26,21 +26,28 @@ def device_worker_command(device: str, extra: list[str] | None = None) -> list[s
     return [sys.executable, "-m", "workers.device", "--device", device, *(extra or [])]
 
 
-def _supervise(commands: list[list[str]]) -> int:
-    """Run child processes until one exits or we are told to stop; stop the rest cleanly."""
-    children = [subprocess.Popen(cmd) for cmd in commands]
+def _rescue_crashed(child: Child) -> None:
+    """The supervisor saw a device worker die: mark it dead and requeue its running jobs now,
+    before its replacement has even started."""
+    import socket
 
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+    from textnlp_jobs.celery_app import create_app
+    from textnlp_jobs.db import device_workers
+    from textnlp_jobs.db.session import session_factory
+    from textnlp_jobs.liveness import rescue_orphans
+    from textnlp_jobs.publish import publish_and_mark
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while all(child.poll() is None for child in children):
-        time.sleep(0.5)
-    stop_processes(children)
-    return max(child.returncode or 0 for child in children)
+    if child.pid is None:
+        return
+    settings = get_settings()
+    factory = session_factory(settings)
+    with factory.begin() as session:
+        device_workers.mark_dead(session, socket.gethostname(), child.pid)
+    celery = create_app(settings)
+    try:
+        rescue_orphans(settings, factory, lambda routings: publish_and_mark(celery, settings, factory, routings))
+    finally:
+        celery.close()
 
 
 def stop_processes(children: list[subprocess.Popen[Any]], grace: float = 30.0) -> None:
@@ -82,7 +89,8 @@ def worker(
         gpus = _visible_gpus()
         devices = [f"cuda.{i}" for i in range(gpus)] or ["cpu.0"]
         console.print(f"starting {len(devices)} device worker(s): {', '.join(devices)}")
-        raise typer.Exit(_supervise([device_worker_command(d, extra) for d in devices]))
+        raise typer.Exit(supervise({d: device_worker_command(d, extra) for d in devices},
+                                   backoff=settings.restart_backoff_seconds, on_crash=_rescue_crashed))
     from workers import device as device_worker
 
     device_worker.main(["--device", device or "cpu.0", *extra])
@@ -121,6 +129,7 @@ def check() -> None:
     from sqlalchemy import text
 
     from textnlp_jobs.celery_app import create_app
+    from textnlp_jobs.db.health import UPGRADE_HINT, schema_status
     from textnlp_jobs.db.session import get_engine
 
     settings = get_settings()
@@ -128,7 +137,13 @@ def check() -> None:
     try:
         with get_engine(settings).connect() as connection:
             connection.execute(text("SELECT 1"))
-        console.print("ledger: ok")
+        schema = schema_status(settings)
+        if schema.up_to_date:
+            console.print("ledger: ok")
+        else:
+            healthy = False
+            at = f"at revision {schema.current}" if schema.current else "never migrated"
+            console.print(f"ledger: FAILED (schema {at}, needs {schema.head}: {UPGRADE_HINT})", markup=False)
     except Exception as error:
         healthy = False
         console.print(f"ledger: FAILED ({type(error).__name__})")
