@@ -113,10 +113,10 @@ def flower(
     = "127.0.0.1",
 ) -> None:
     """Run Flower; refuses to start without TEXTNLP_FLOWER_BASIC_AUTH=user:password."""
-    credentials = os.environ.get("TEXTNLP_FLOWER_BASIC_AUTH")
-    if not credentials or ":" not in credentials:
-        console.print("[red]Flower needs authentication: set TEXTNLP_FLOWER_BASIC_AUTH=user:password[/red]")
-        raise typer.Exit(2)
+    from textnlp_jobs.flower_auth import check_basic_auth
+
+    credentials = check_basic_auth(os.environ.get("TEXTNLP_FLOWER_BASIC_AUTH"),
+                                   get_settings().flower_min_password_length)
     from textnlp_jobs.celery_app import app as celery
 
     os.environ["FLOWER_BASIC_AUTH"] = credentials  # read by Flower, never put on a command line

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from textnlp_jobs.db import device_workers
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.settings import Settings
@@ -46,6 +47,8 @@ def reconcile(settings: Settings, factory: sessionmaker[Session], publish: Publi
         report.expired = repo.expire_overdue(session, limit)
         report.buried = repo.bury_exhausted(session, limit)
         rescued = repo.rescue_expired_leases(session, limit)
+        # Jobs of workers whose heartbeat stopped: no need to wait for their lease.
+        rescued += device_workers.rescue_orphans(session, settings.heartbeat_ttl_seconds, limit)
         if dry_run:
             transaction.rollback()
         else:
