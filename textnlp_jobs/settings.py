@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # worker that replaces it, or the reconciler, without waiting for their lease.
     heartbeat_interval_seconds: float = Field(2.0, gt=0)
     heartbeat_ttl_seconds: float = Field(15.0, gt=0)
+    # The reconciler flags queued jobs (error_code queue.no_consumer) whose queue no live worker
+    # has consumed for this long: a pinned device that is gone, a model no device serves.
+    no_consumer_seconds: float = Field(300.0, gt=0)
     # `worker --all-devices` restarts a crashed device worker after a delay that doubles from
     # the first to the last value with each crash in a row (reset after a worker ran a while).
     restart_backoff_seconds: tuple[float, float] = (1.0, 60.0)

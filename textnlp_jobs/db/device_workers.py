@@ -142,3 +142,45 @@ def rescue_orphans(session: Session, ttl_seconds: float, limit: int = 1000) -> l
         if moved:
             rescued.append(Routing(row.id, row.model, row.device, row.priority))
     return rescued
+
+
+NO_CONSUMER = "queue.no_consumer"
+
+
+def flag_unconsumed(session: Session, quiet_seconds: float, limit: int) -> dict[str, int]:
+    """Queued jobs whose queue no worker has consumed for ``quiet_seconds`` (no device serving
+    the model, or the pinned device, has beaten since) get ``error_code = queue.no_consumer``
+    and stay queued: a worker that comes later still runs them (a success clears the code).
+    Returns the number flagged per (model, device) queue."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=quiet_seconds)
+    recent = session.execute(
+        select(DeviceWorker.name, DeviceWorker.models).where(DeviceWorker.heartbeat_at >= cutoff)
+    ).all()
+    served = {model for row in recent for model in row.models.get("served", [])}
+    devices = {row.name for row in recent}
+    g = Generation
+    groups = session.execute(
+        select(g.model, g.device).where(g.status == JobStatus.QUEUED.value,
+                                        or_(g.error_code.is_(None), g.error_code != NO_CONSUMER))
+        .group_by(g.model, g.device)
+    ).all()
+    flagged: dict[str, int] = {}
+    for model, device in groups:
+        if (device in devices) if device else (model in served):
+            continue
+        where = f"device {device}" if device else f"model {model}"
+        ids = session.execute(
+            select(g.id).where(g.status == JobStatus.QUEUED.value, g.model == model,
+                               g.device.is_(None) if device is None else g.device == device,
+                               or_(g.error_code.is_(None), g.error_code != NO_CONSUMER)).limit(limit)
+        ).scalars().all()
+        count = session.execute(
+            update(g).where(g.id.in_(ids), g.status == JobStatus.QUEUED.value)
+            .values(error_code=NO_CONSUMER, updated_at=now,
+                    error_message=f"no live worker has consumed the queue of {where} for over {quiet_seconds:.0f}s"),
+            execution_options={"synchronize_session": False},
+        ).rowcount  # type: ignore[attr-defined]
+        if count:
+            flagged[f"{model}@{device}" if device else model] = int(count)
+    return flagged
