@@ -9,6 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db import device_workers
@@ -47,6 +48,13 @@ class Liveness:
 
     def register(self) -> None:
         """Take the device, or raise ``DeviceInUseError`` naming the worker that holds it."""
+        try:
+            self._register()
+        except IntegrityError:  # another worker inserted the device's row first: look again
+            self._register()
+        log.info("device_registered device=%s instance=%s", self.device.name, self.instance)
+
+    def _register(self) -> None:
         with self.sessions.begin() as session:
             holder = device_workers.register(session, self.device, self.models, self.instance,
                                              self.settings.heartbeat_ttl_seconds)
@@ -54,7 +62,6 @@ class Liveness:
                 raise DeviceInUseError(
                     f"device {self.device.name} is already served by a live worker ({holder.hostname}, "
                     f"pid {holder.pid} on {holder.host}); stop it first or start this one on another device")
-        log.info("device_registered device=%s instance=%s", self.device.name, self.instance)
 
     def start(self) -> None:
         """Rescue what a dead predecessor left running, then beat in the background."""

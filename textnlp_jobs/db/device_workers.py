@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from textnlp_jobs.db.models import DeviceWorker, Generation, JobStatus, utcnow
@@ -52,8 +51,10 @@ def holder_alive(row: DeviceWorker, ttl_seconds: float, now: datetime) -> bool:
         return False
     if row.heartbeat_at < now - timedelta(seconds=ttl_seconds):
         return False
-    if row.host == socket.gethostname() and row.pid != os.getpid():
-        return _pid_alive(row.pid)
+    if row.host == socket.gethostname():
+        # Our own pid on our own machine is an earlier incarnation (a restarted container's
+        # entry point gets the same pid again): it is gone, whatever its heartbeat says.
+        return row.pid != os.getpid() and _pid_alive(row.pid)
     return True
 
 
@@ -67,12 +68,10 @@ def register(session: Session, device: Device, models: list[str], instance: str,
               "pid": os.getpid(), "started_at": now, "heartbeat_at": now, "stopped_at": None}
     row = session.get(DeviceWorker, device.name, with_for_update=True)
     if row is None:
-        try:
-            with session.begin_nested():
-                session.add(DeviceWorker(name=device.name, **values))
-        except IntegrityError:  # another worker registered between our read and our insert
-            row = session.get(DeviceWorker, device.name, with_for_update=True, populate_existing=True)
-            return row
+        # Two workers inserting at once: one INSERT fails (IntegrityError) and its caller
+        # registers again in a new transaction, where it finds the other's row.
+        session.add(DeviceWorker(name=device.name, **values))
+        session.flush()
         return None
     if row.instance != instance and holder_alive(row, ttl_seconds, now):
         return row
