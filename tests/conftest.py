@@ -89,6 +89,7 @@ def base_env(home: Path, model_store: Path) -> dict[str, str]:
     return {
         "TEXTNLP_HOME": str(home),
         "TEXTNLP_MODEL_STORE": str(model_store),
+        "TEXTNLP_MODEL_CACHE": "off",  # tests never read or fill the user's build cache
         "TEXTNLP_NODE_NAME": TEST_NODE,
         "TEXTNLP_LEASE_SECONDS": "10",
         "TEXTNLP_MAX_JOB_SECONDS": "8",

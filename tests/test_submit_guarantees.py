@@ -129,7 +129,7 @@ def test_submit_while_the_broker_is_down_returns_the_job_and_the_cli_exits_3(sta
     assert done.returncode == 3, done.stdout + done.stderr
     job_id = done.stdout.strip().splitlines()[-1]
     assert client.get(job_id).status == "queued"
-    assert done.stderr.strip().count("\n") == 0 and "broker.unavailable" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "broker.unreachable" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
 
 
@@ -138,7 +138,7 @@ def test_submit_while_postgresql_is_down_is_one_line_naming_the_host(stack: Loca
     done = cli(env, "submit", "Return a new list")
     output = done.stdout + done.stderr
     assert done.returncode != 0 and "Traceback" not in output, output
-    assert "db.unavailable" in output and "127.0.0.1:1/textnlp" in output and "hunter2" not in output
+    assert "ledger.unreachable" in output and "127.0.0.1:1/textnlp" in output and "hunter2" not in output
 
 
 def test_check_and_every_command_on_an_unmigrated_database_say_to_run_db_upgrade(stack: LocalStack) -> None:
@@ -150,6 +150,6 @@ def test_check_and_every_command_on_an_unmigrated_database_say_to_run_db_upgrade
                      ["jobs", "list"]):
             done = cli(env, *args)
             output = done.stdout + done.stderr
-            assert done.returncode == 2 and "db.not_migrated" in output and "db upgrade" in output, (args, output)
+            assert done.returncode == 2 and "ledger.not_migrated" in output and "db upgrade" in output, (args, output)
             assert "Traceback" not in output
 

@@ -30,7 +30,7 @@ from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.health import ledger_errors
 from textnlp_jobs.db.repository import Job
 from textnlp_jobs.db.session import session_factory
-from textnlp_jobs.errors import InputError, JobNotFoundError, TextNLPError, UnknownDeviceError
+from textnlp_jobs.errors import ErrorCode, InputError, JobNotFoundError, JobWaitTimeout, UnknownDeviceError
 from textnlp_jobs.inference import store
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.publish import publish_and_mark
@@ -45,17 +45,11 @@ INSERT_BATCH = 1000
 _MODEL_CACHE_SECONDS = 30.0
 
 
-class JobWaitTimeout(TextNLPError):
-    """``wait`` ran out of time before every job finished."""
-
-    code = "jobs.wait_timeout"
-
-
 def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
     try:
         return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
     except ValueError:
-        raise InputError("id", f"{job_id!r} is not a job id", code="input.job_id_invalid") from None
+        raise InputError("id", f"{job_id!r} is not a job id", code=ErrorCode.INPUT_JOB_ID_INVALID) from None
 
 
 class Client:
@@ -155,7 +149,7 @@ class Client:
             raise UnknownDeviceError(device, builtins.list(devices))
         if job.model not in devices[device]:
             raise InputError("device", f"{device} does not serve model {job.model!r} (it serves: "
-                             f"{', '.join(devices[device]) or 'nothing'})", code="input.model_not_on_device")
+                             f"{', '.join(devices[device]) or 'nothing'})", code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE)
 
     # --- reading -------------------------------------------------------------------------
     def get(self, job_id: uuid.UUID | str) -> Job:

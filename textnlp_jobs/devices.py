@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from textnlp_jobs.constants import DEVICE_QUEUE_PREFIX
-from textnlp_jobs.errors import InputError
+from textnlp_jobs.errors import ErrorCode, InputError
 
 KINDS = ("cuda", "cpu")
 _NODE = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
@@ -28,7 +28,7 @@ class Device:
         match = _PATTERN.match(text) if isinstance(text, str) else None
         if match is None:
             raise InputError("device", f"{text!r} is not a device like 'cuda.0', 'cpu.1' or 'node/cuda.0'",
-                             code="input.device_invalid")
+                             code=ErrorCode.INPUT_DEVICE_INVALID)
         return cls(match["node"] or default_node, match["kind"], int(match["index"]))
 
     @property

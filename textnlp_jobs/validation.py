@@ -11,7 +11,7 @@ from typing import Any
 
 from textnlp_jobs.db.repository import NewJob
 from textnlp_jobs.devices import Device
-from textnlp_jobs.errors import InputError, UnknownModelError
+from textnlp_jobs.errors import ErrorCode, InputError, UnknownModelError
 from textnlp_jobs.settings import Settings
 
 _MAX_SEED = 2**63 - 1
@@ -23,15 +23,15 @@ PositionLimit = Callable[[str], int | None]  # model -> its maximum sequence len
 def _number(field: str, value: Any, kind: type, low: float, high: float, *, low_open: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise InputError(field, f"must be {'a number' if kind is float else 'an integer'}, got {value!r}",
-                         code=f"input.{field}_invalid")
+                         code=ErrorCode(f"input.{field}_invalid"))
     if isinstance(value, float) and not math.isfinite(value):
         # Every comparison with NaN is false: without this, NaN would pass the range check.
-        raise InputError(field, f"must be a finite number, got {value!r}", code=f"input.{field}_invalid")
+        raise InputError(field, f"must be a finite number, got {value!r}", code=ErrorCode(f"input.{field}_invalid"))
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         bracket = "(" if low_open else "["
         raise InputError(field, f"{value} is outside the allowed range {bracket}{low}, {high}]",
-                         code=f"input.{field}_out_of_range")
+                         code=ErrorCode(f"input.{field}_out_of_range"))
     return kind(value)
 
 
@@ -41,21 +41,21 @@ def _prompt_text(prompt: Any, settings: Settings) -> str:
             prompt = bytes(prompt).decode("utf-8")
         except UnicodeDecodeError as error:
             raise InputError("prompt", f"is not valid UTF-8 (bad byte at offset {error.start})",
-                             code="input.prompt_invalid_utf8") from None
+                             code=ErrorCode.INPUT_PROMPT_INVALID_UTF8) from None
     if not isinstance(prompt, str):
-        raise InputError("prompt", f"must be text, got {type(prompt).__name__}", code="input.prompt_invalid")
+        raise InputError("prompt", f"must be text, got {type(prompt).__name__}", code=ErrorCode.INPUT_PROMPT_INVALID)
     try:
         size = len(prompt.encode("utf-8"))
     except UnicodeEncodeError as error:  # lone surrogates from a bad decode upstream
         raise InputError("prompt", f"is not valid UTF-8 (unpaired surrogate at character {error.start})",
-                         code="input.prompt_invalid_utf8") from None
+                         code=ErrorCode.INPUT_PROMPT_INVALID_UTF8) from None
     if not prompt.strip():
-        raise InputError("prompt", "is empty", code="input.prompt_empty")
+        raise InputError("prompt", "is empty", code=ErrorCode.INPUT_PROMPT_EMPTY)
     if "\x00" in prompt:
-        raise InputError("prompt", "contains a NUL character", code="input.prompt_invalid")
+        raise InputError("prompt", "contains a NUL character", code=ErrorCode.INPUT_PROMPT_INVALID)
     if size > settings.max_prompt_bytes:
         raise InputError("prompt", f"is {size} bytes, over the limit of {settings.max_prompt_bytes} bytes",
-                         code="input.prompt_too_long")
+                         code=ErrorCode.INPUT_PROMPT_TOO_LONG)
     return prompt
 
 
@@ -68,12 +68,12 @@ def validate_job(
     the caller's check, against the device registry."""
     if not isinstance(spec, dict):
         raise InputError("job", f"must be a dict of job parameters, got {type(spec).__name__}",
-                         code="input.job_invalid")
+                         code=ErrorCode.INPUT_JOB_INVALID)
     allowed = {"prompt", "model", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "priority",
                "idempotency_key", "deadline", "device", "max_attempts"}
     unknown = set(spec) - allowed
     if unknown:
-        raise InputError(sorted(unknown)[0], "is not a job parameter", code="input.unknown_parameter")
+        raise InputError(sorted(unknown)[0], "is not a job parameter", code=ErrorCode.INPUT_UNKNOWN_PARAMETER)
     prompt = _prompt_text(spec.get("prompt"), settings)
     model = spec.get("model")
     if not isinstance(model, str) or model not in known_models:
@@ -81,7 +81,7 @@ def validate_job(
     prompt_tokens = count_tokens(model, prompt)
     if prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
         raise InputError("prompt", f"is {prompt_tokens} tokens, over the limit of {settings.max_prompt_tokens} tokens",
-                         code="input.prompt_too_many_tokens")
+                         code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
 
     max_new_tokens = _number("max_new_tokens", spec.get("max_new_tokens", settings.default_max_new_tokens),
                              int, 1, settings.max_new_tokens_limit)
@@ -92,7 +92,7 @@ def validate_job(
     if positions is not None and prompt_tokens is not None and prompt_tokens + max_new_tokens > positions:
         raise InputError("prompt", f"is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that is "
                          f"{prompt_tokens + max_new_tokens}, over the {positions} positions model {model!r} can "
-                         "attend to", code="input.too_long_for_model")
+                         "attend to", code=ErrorCode.INPUT_TOO_LONG_FOR_MODEL)
     seed = spec.get("seed")
     seed_explicit = seed is not None
     if seed is not None:
@@ -104,13 +104,14 @@ def validate_job(
 
     key = spec.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 255):
-        raise InputError("idempotency_key", "must be text of 1 to 255 characters", code="input.idempotency_key_invalid")
+        raise InputError("idempotency_key", "must be text of 1 to 255 characters",
+                         code=ErrorCode.INPUT_IDEMPOTENCY_KEY_INVALID)
     deadline = spec.get("deadline")
     if deadline is not None:
         if not isinstance(deadline, datetime) or deadline.tzinfo is None:
-            raise InputError("deadline", "must be a timezone-aware datetime", code="input.deadline_invalid")
+            raise InputError("deadline", "must be a timezone-aware datetime", code=ErrorCode.INPUT_DEADLINE_INVALID)
         if deadline <= datetime.now(UTC):
-            raise InputError("deadline", f"{deadline.isoformat()} is already past", code="input.deadline_past")
+            raise InputError("deadline", f"{deadline.isoformat()} is already past", code=ErrorCode.INPUT_DEADLINE_PAST)
     device = spec.get("device")
     if device is not None:
         device = Device.parse(device, settings.node_name).name

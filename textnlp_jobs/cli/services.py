@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from textnlp_jobs.cli.base import app, console, ensure_ledger
+from textnlp_jobs import launcher
+from textnlp_jobs.cli.base import app, console, ensure_ledger, err_console, say
+from textnlp_jobs.devices import Device
+from textnlp_jobs.errors import ConfigurationError, ErrorCode, InputError
 from textnlp_jobs.settings import get_settings
 from textnlp_jobs.supervisor import Child, supervise
 
 
-def _visible_gpus() -> int:
-    """Count GPUs in a child process, so this one never initialises CUDA."""
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                           capture_output=True, text=True, check=False)
-    return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
-
-
-def device_worker_command(device: str, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "workers.device", "--device", device, *(extra or [])]
+def _checked_device(device: str) -> str:
+    try:
+        return Device.parse(device, get_settings().node_name).local
+    except InputError as error:
+        raise ConfigurationError(error.message, code=ErrorCode.CONFIG_DEVICE_INVALID) from None
 
 
 def _rescue_crashed(child: Child) -> None:
@@ -50,60 +46,47 @@ def _rescue_crashed(child: Child) -> None:
         celery.close()
 
 
-def stop_processes(children: list[subprocess.Popen[Any]], grace: float = 30.0) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    deadline = time.monotonic() + grace
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
 @app.command()
 def worker(
     device: Annotated[str | None, typer.Option(envvar="TEXTNLP_DEVICE", help="cuda.N / cuda:N or cpu.N")] = None,
     all_devices: Annotated[bool, typer.Option("--all-devices", help="One worker per visible GPU (or cpu.0).")] = False,
     maintenance: Annotated[bool, typer.Option("--maintenance", help="The maintenance worker instead.")] = False,
     models: Annotated[str | None, typer.Option(help="Comma-separated models; default: placement.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Task threads; default: 2 x max_batch.")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Task threads; default: 2 x max_batch.")] = None,
     loglevel: Annotated[str, typer.Option(envvar="TEXTNLP_LOGLEVEL")] = "INFO",
 ) -> None:
-    """Start a device worker (one Celery worker per GPU), all of them, or the maintenance worker."""
+    """Start a device worker (one Celery worker per GPU), all of them, or the maintenance worker.
+    Runs until stopped (SIGTERM finishes running jobs first)."""
+    from textnlp_jobs import worker_main
+
     settings = get_settings()
     ensure_ledger(settings)
-    extra = ["--loglevel", loglevel]
-    if models:
-        extra += ["--models", models]
-    if concurrency:
-        extra += ["--concurrency", str(concurrency)]
+    model_list = models.split(",") if models else None
     if maintenance:
-        from workers import maintenance as maintenance_worker
-
-        maintenance_worker.run(loglevel=loglevel)
+        worker_main.run_maintenance_worker(loglevel=loglevel)
         return
     if all_devices:
-        gpus = _visible_gpus()
-        devices = [f"cuda.{i}" for i in range(gpus)] or ["cpu.0"]
-        console.print(f"starting {len(devices)} device worker(s): {', '.join(devices)}")
-        raise typer.Exit(supervise({d: device_worker_command(d, extra) for d in devices},
-                                   backoff=settings.restart_backoff_seconds, on_crash=_rescue_crashed))
-    from workers import device as device_worker
-
-    device_worker.main(["--device", device or "cpu.0", *extra])
+        devices = launcher.all_device_names()
+        say(f"starting {len(devices)} device worker(s): {', '.join(devices)}")
+        raise typer.Exit(supervise(
+            {d: launcher.device_worker_command(d, models=model_list, loglevel=loglevel, concurrency=concurrency)
+             for d in devices},
+            backoff=settings.restart_backoff_seconds, on_crash=_rescue_crashed))
+    status = worker_main.run_device_worker(_checked_device(device or "cpu.0"), model_list, concurrency=concurrency,
+                                           loglevel=loglevel)
+    raise typer.Exit(status)
 
 
 @app.command()
 def beat(loglevel: Annotated[str, typer.Option(envvar="TEXTNLP_LOGLEVEL")] = "INFO") -> None:
-    """Run Celery beat, which sends the maintenance schedule (run exactly one)."""
+    """Run Celery beat, which sends the maintenance schedule (run exactly one). Runs until stopped."""
     from textnlp_jobs.celery_app import app as celery
+    from textnlp_jobs.worker_main import quiet_flags
 
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    celery.start(["beat", f"--loglevel={loglevel}", f"--schedule={settings.home / 'beat-schedule'}"])
+    celery.start([*quiet_flags(loglevel), "beat", f"--loglevel={loglevel}",
+                  f"--schedule={settings.home / 'beat-schedule'}"])
 
 
 @app.command()
@@ -129,6 +112,7 @@ def check() -> None:
     from sqlalchemy import text
 
     from textnlp_jobs.celery_app import create_app
+    from textnlp_jobs.cli.failures import expected
     from textnlp_jobs.db.health import UPGRADE_HINT, schema_status
     from textnlp_jobs.db.session import get_engine
 
@@ -146,25 +130,28 @@ def check() -> None:
             console.print(f"ledger: FAILED (schema {at}, needs {schema.head}: {UPGRADE_HINT})", markup=False)
     except Exception as error:
         healthy = False
-        console.print(f"ledger: FAILED ({type(error).__name__})")
+        known = expected(error)
+        console.print(f"ledger: FAILED ({known.message if known else type(error).__name__})", markup=False)
     try:
         with create_app(settings).connection_for_write() as connection:
             connection.ensure_connection(max_retries=1)
         console.print("broker: ok")
     except Exception as error:
         healthy = False
-        console.print(f"broker: FAILED ({type(error).__name__})")
+        known = expected(error)
+        console.print(f"broker: FAILED ({known.message if known else type(error).__name__})", markup=False)
     raise typer.Exit(0 if healthy else 1)
 
 
 @app.command()
 def demo(
-    jobs: Annotated[int, typer.Option(help="How many jobs to run.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option()] = 24,
-    timeout: Annotated[float, typer.Option()] = 300.0,
+    jobs: Annotated[int, typer.Option(min=1, max=1000, help="How many jobs to run.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
+    timeout: Annotated[float, typer.Option(min=1)] = 300.0,
 ) -> None:
     """From nothing: bootstrap the demo model, start a device worker, a maintenance worker and
     beat, run a handful of jobs, print the results, and stop everything it started."""
     from textnlp_jobs.demo import run_demo
 
-    run_demo(get_settings(), jobs=jobs, max_new_tokens=max_new_tokens, timeout=timeout, console=console)
+    run_demo(get_settings(), jobs=jobs, max_new_tokens=max_new_tokens, timeout=timeout, out=console,
+             messages=err_console)

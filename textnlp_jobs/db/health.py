@@ -1,7 +1,8 @@
 """Is the ledger usable: does its database answer, and is its schema at the newest migration?
 
 Commands and the producer API turn the database driver's errors into one-line ``TextNLPError``s
-(``db.unavailable`` naming the host, never the password; ``db.not_migrated`` saying what to run).
+(``ledger.unreachable`` naming the host, never the password; ``ledger.not_migrated`` saying
+what to run).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from textnlp_jobs.db.migrate import alembic_config
 from textnlp_jobs.db.session import get_engine
-from textnlp_jobs.errors import LedgerNotMigratedError, LedgerUnavailableError
+from textnlp_jobs.errors import ErrorCode, LedgerNotMigratedError, ServiceUnavailableError
 from textnlp_jobs.settings import Settings
 
 UPGRADE_HINT = "run `textnlp-jobs db upgrade`"
@@ -64,10 +65,11 @@ def require_current_schema(settings: Settings) -> None:
                                      f"{UPGRADE_HINT}")
 
 
-def unavailable(settings: Settings, error: BaseException) -> LedgerUnavailableError:
+def unavailable(settings: Settings, error: BaseException) -> ServiceUnavailableError:
     reason = str(getattr(error, "orig", error)).strip().splitlines()
-    return LedgerUnavailableError(f"the ledger database at {describe(settings.database_url_value())} does not "
-                                  f"answer ({reason[0][:200] if reason else type(error).__name__})")
+    return ServiceUnavailableError(f"database unreachable at {describe(settings.database_url_value())} "
+                                   f"({reason[0][:200] if reason else type(error).__name__})",
+                                   code=ErrorCode.LEDGER_UNREACHABLE)
 
 
 @contextmanager
