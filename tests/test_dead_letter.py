@@ -141,4 +141,5 @@ def test_a_hundred_jobs_run_while_twenty_malformed_messages_are_pushed_among_the
     assert all(record["source_queue"] == QUEUE for record in records)
     assert worker.alive and worker.starts == 1 and worker.process and worker.process.pid == first_pid
     assert "Unrecoverable error" not in worker.log_tail(2000)
+    assert "Connection to broker lost" not in worker.log_tail(2000)
     broker.close()

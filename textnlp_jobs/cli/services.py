@@ -17,7 +17,7 @@ from textnlp_jobs.supervisor import Child, supervise
 
 def _checked_device(device: str) -> str:
     try:
-        return Device.parse(device, get_settings().node_name).local
+        return Device.parse(device, get_settings().node_name).name
     except InputError as error:
         raise ConfigurationError(error.message, code=ErrorCode.CONFIG_DEVICE_INVALID) from None
 
