@@ -106,8 +106,11 @@ class Client:
                 publish_and_mark(self.celery, self.settings, self.sessions, chunk)
             except Exception as error:  # any broker failure: the rows are safe
                 unsent = len(routings) - start
-                log.warning("broker_unreachable unpublished=%d error=%s: the jobs exist and the reconciler "
-                            "will send them", unsent, type(error).__name__)
+                # A caller that handles it (the CLI prints one line) gets the callback; anyone
+                # else gets the warning.
+                log.log(logging.INFO if on_unpublished else logging.WARNING,
+                        "broker_unreachable unpublished=%d error=%s: the jobs exist and the reconciler will "
+                        "send them", unsent, type(error).__name__)
                 if on_unpublished is not None:
                     on_unpublished(unsent, error)
                 break
