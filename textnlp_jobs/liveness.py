@@ -8,6 +8,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,16 +21,44 @@ from textnlp_jobs.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MAX_PRIORITY = 9
+
 
 def rescue_orphans(settings: Settings, factory: sessionmaker[Session],
                    republish: Callable[[Sequence[Routing]], None]) -> int:
-    """Requeue and republish the running jobs of workers that are gone. Returns how many."""
+    """Requeue and republish the running jobs of workers that are gone, and the messages they
+    had taken from the broker but not yet claimed. Returns how many jobs were rescued."""
     with factory.begin() as session:
         rescued = device_workers.rescue_orphans(session, settings.heartbeat_ttl_seconds)
     if rescued:
-        republish(rescued)
-        log.warning("orphaned_jobs_rescued count=%d", len(rescued))
+        # They were already running: sent at the highest priority they go ahead of the queue
+        # instead of behind everything submitted since (the row keeps its own priority).
+        republish([replace(routing, priority=MAX_PRIORITY) for routing in rescued])
+        stranded = republish_stranded(settings, factory, republish)
+        log.warning("orphaned_jobs_rescued count=%d stranded_republished=%d", len(rescued), stranded)
     return len(rescued)
+
+
+def republish_stranded(settings: Settings, factory: sessionmaker[Session],
+                       republish: Callable[[Sequence[Routing]], None]) -> int:
+    """A dead worker also held messages it had received but not claimed: their rows are still
+    ``queued``, their messages sit in the broker's unacked set until the visibility timeout (an
+    hour). Queued rows with no message waiting in a queue are published again now; a duplicate
+    of a message a live worker is about to claim is harmless (the claim is conditional)."""
+    from textnlp_jobs.db import repository as repo
+    from textnlp_jobs.maintenance.live_messages import live_job_ids
+
+    with factory() as session:
+        candidates = repo.unpublished_candidates(session, 0.0, settings.reconcile_batch)
+    if not candidates:
+        return 0
+    waiting = live_job_ids(settings, fresh_seconds=0.0)  # queue lists only, no deliveries
+    if waiting is None:
+        return 0
+    stranded = [c for c in candidates if str(c.id) not in waiting]
+    if stranded:
+        republish([replace(routing, priority=MAX_PRIORITY) for routing in stranded])
+    return len(stranded)
 
 
 class Liveness:
