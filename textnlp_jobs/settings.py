@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     # the first to the last value with each crash in a row (reset after a worker ran a while).
     restart_backoff_seconds: tuple[float, float] = (1.0, 60.0)
     # Flower refuses basic-auth passwords shorter than this.
-    flower_min_password_length: int = Field(12, ge=1)
+    flower_min_password_length: int = Field(8, ge=1)
 
     @field_validator("placement")
     @classmethod
