@@ -1,147 +1,70 @@
-"""No message can stop a device worker: whatever is pushed into its queues, a message it cannot
-use ends in ``textnlp.dead_letter`` with the reason, and the jobs around it still run."""
+"""A queue no worker consumes: its old messages end in textnlp.dead_letter, their jobs are dead with
+queue.no_consumer, and `jobs requeue` brings them back once a worker serves the model."""
 
 from __future__ import annotations
 
-import base64
-import copy
 import json
+import subprocess
+import sys
 import time
-import uuid
-from typing import Any
 
 import pytest
 import redis
 
-from textnlp_jobs.celery_app import create_app
+from tests.helpers import wait_until_final
 from textnlp_jobs.client import Client
 from textnlp_jobs.constants import DEAD_LETTER_QUEUE
-from textnlp_jobs.local_stack import LocalStack
+from textnlp_jobs.local_stack import REPO_ROOT, LocalStack
+from textnlp_jobs.maintenance.runner import run_maintenance
 from workers.device import worker_hostname
-
-from .helpers import job_specs, wait_until_final
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-QUEUE = "textnlp.gen.demo"
+SEP = "\x06\x16"
 
 
-def dead_letters(broker: redis.Redis) -> list[dict[str, Any]]:
-    """The records in the dead-letter queue (kombu keeps one list per priority step)."""
-    records = []
-    for key in broker.scan_iter(match=f"{DEAD_LETTER_QUEUE}*", _type="list"):
-        for item in broker.lrange(key, 0, -1):
-            envelope = json.loads(item)
-            body = envelope["body"]
-            if envelope["properties"].get("body_encoding") == "base64":
-                body = base64.b64decode(body)
-            records.append(json.loads(body))
-    return records
-
-
-def envelope_template(stack: LocalStack) -> dict[str, Any]:
-    """A real Celery envelope for ``textnlp.generate``, as kombu stores it in Redis."""
-    celery = create_app(stack.settings())
-    try:
-        celery.send_task("textnlp.generate", args=[str(uuid.uuid4())], queue="textnlp.scratch")
-    finally:
-        celery.close()
-    broker = redis.Redis.from_url(stack.env["TEXTNLP_BROKER_URL"])
-    raw = broker.rpop("textnlp.scratch")
-    broker.close()
-    assert raw is not None
-    template: dict[str, Any] = json.loads(raw)
-    template["properties"]["delivery_info"]["routing_key"] = QUEUE
-    return template
-
-
-def malformed_messages(template: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """Twenty messages of different shapes, none of which can run a job."""
-
-    def variant(change: Any) -> bytes:
-        envelope = copy.deepcopy(template)
-        change(envelope)
-        return json.dumps(envelope).encode()
-
-    def body(value: bytes) -> Any:
-        return lambda e: e.update(body=base64.b64encode(value).decode())
-
-    def header(**values: Any) -> Any:
-        return lambda e: e["headers"].update(values)
-
-    def task_args(args: Any) -> Any:
-        return body(json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None,
-                                             "chord": None}]).encode())
-
-    return [
-        ("text", b"not json"),
-        ("list", b"[1,2,3]"),
-        ("string", b'"a string"'),
-        ("number", b"42"),
-        ("null", b"null"),
-        ("invalid utf-8", b"\xff\xfe\xfa"),
-        ("empty object", b"{}"),
-        ("no properties", variant(lambda e: e.pop("properties"))),
-        ("properties not an object", variant(lambda e: e.update(properties="x"))),
-        ("no delivery tag", variant(lambda e: e["properties"].pop("delivery_tag"))),
-        ("no delivery info", variant(lambda e: e["properties"].pop("delivery_info"))),
-        ("headers not an object", variant(lambda e: e.update(headers="x"))),
-        ("body not text", variant(lambda e: e.update(body=123))),
-        ("body not base64", variant(lambda e: e.update(body="!!! not base64 !!!"))),
-        ("no headers", variant(lambda e: e.update(headers=None))),
-        ("unknown task", variant(header(task="no.such.task"))),
-        ("no task id", variant(lambda e: e["headers"].pop("id"))),
-        ("body not json", variant(body(b"not json at all"))),
-        ("no arguments", variant(task_args([]))),
-        ("argument not a job id", variant(task_args(["../../etc/passwd"]))),
-    ]
-
-
-def test_malformed_queue_items_are_dead_lettered_and_the_worker_keeps_consuming(stack: LocalStack) -> None:
-    settings = stack.settings()
-    worker = stack.device_worker("cpu.0").start()
-    stack.wait_ready(worker_hostname(settings, "cpu.0"))
-    broker = redis.Redis.from_url(stack.env["TEXTNLP_BROKER_URL"])
-    broker.lpush(QUEUE, b"not json")
-    broker.lpush(QUEUE, b"[1,2,3]")
+def test_messages_of_a_queue_with_no_consumer_are_dead_lettered_and_requeued_once_served(stack: LocalStack) -> None:
+    settings = stack.settings(dead_letter_after_seconds=1)
     client = Client(settings)
-    jobs = client.submit_many(job_specs(4))
-    done = client.wait([job.id for job in jobs], timeout=120)
-    assert {job.status for job in done} == {"succeeded"}, worker.log_tail()
-    assert worker.alive and worker.starts == 1
-    reasons = sorted(record["reason"] for record in dead_letters(broker))
-    assert reasons == ["envelope_not_an_object", "not_json"]
-    assert sorted(record["message"] for record in dead_letters(broker)) == ["[1,2,3]", "not json"]
-    broker.close()
-
-
-def test_a_hundred_jobs_run_while_twenty_malformed_messages_are_pushed_among_them(stack: LocalStack) -> None:
-    settings = stack.settings()
-    worker = stack.device_worker("cpu.0").start()
-    stack.wait_ready(worker_hostname(settings, "cpu.0"))
-    first_pid = worker.process.pid if worker.process else None
     broker = redis.Redis.from_url(stack.env["TEXTNLP_BROKER_URL"])
-    messages = malformed_messages(envelope_template(stack))
-    assert len(messages) == 20
-    client = Client(settings)
-    ids = [job.id for job in client.submit_many(job_specs(50))]
-    for _, raw in messages[:10]:
-        broker.lpush(QUEUE, raw)
-    ids += [job.id for job in client.submit_many(job_specs(50))]
-    for _, raw in messages[10:]:
-        broker.lpush(QUEUE, raw)
-        time.sleep(0.05)
-    # The reconciler runs as beat would: a job retried after a timeout on this loaded machine
-    # waits for it to be sent again.
-    final = wait_until_final(client, ids, timeout=400, reconcile_every=2.0)
-    assert final == {"succeeded": 100}, worker.log_tail()
-    give_up = time.monotonic() + 30
-    while len(dead_letters(broker)) < 20 and time.monotonic() < give_up:
-        time.sleep(0.2)
-    records = dead_letters(broker)
-    assert len(records) == 20, ([r["reason"] for r in records], worker.log_tail(80))
-    assert all(record["source_queue"] == QUEUE for record in records)
-    assert worker.alive and worker.starts == 1 and worker.process and worker.process.pid == first_pid
-    assert "Unrecoverable error" not in worker.log_tail(2000)
-    assert "Connection to broker lost" not in worker.log_tail(2000)
+    stack.device_worker("cpu.0").start()  # serves demo only: nobody consumes textnlp.gen.tiny
+    stack.wait_ready(worker_hostname(settings, "cpu.0"))
+    served = client.submit_many([{"prompt": f"Return a new list {i}", "model": "demo", "max_new_tokens": 4}
+                                 for i in range(2)])
+    orphaned = client.submit_many([{"prompt": f"Read the file and {i}", "model": "tiny", "max_new_tokens": 4}
+                                   for i in range(3)])
+    # A retired model's queue binding, empty and unused: cache.expire removes it; demo's stays.
+    broker.sadd("_kombu.binding.textnlp.gen.retired", f"textnlp.gen.retired{SEP}{SEP}textnlp.gen.retired")
+    wait_until_final(client, [j.id for j in served], timeout=120)
+    time.sleep(1.5)
+
+    dry = run_maintenance("queues.dead_letter", settings=settings, dry_run=True)
+    assert dry["dead_lettered"] == 3 and broker.llen(DEAD_LETTER_QUEUE) == 0
+    result = run_maintenance("queues.dead_letter", settings=settings)
+    assert result["status"] == "succeeded" and result["dead_lettered"] == 3 and result["jobs_marked_dead"] == 3
+    assert "textnlp.gen.demo" in result["consumed_queues"]
+    assert broker.llen(DEAD_LETTER_QUEUE) == 3
+    assert sum(broker.llen(k) for k in broker.scan_iter(match="textnlp.gen.tiny*")) == 0
+    letter = json.loads(broker.lindex(DEAD_LETTER_QUEUE, 0))  # type: ignore[arg-type]
+    assert letter["headers"]["x-dead-letter"]["queue"] == "textnlp.gen.tiny"
+    for job in client.wait([j.id for j in orphaned], timeout=5):
+        assert (job.status, job.error_code) == ("dead", "queue.no_consumer")
+
+    # With a 1 s window tiny's queue, now empty and unconsumed, counts as unused too; the requeue
+    # below publishes from a fresh process, which declares the binding again.
+    hygiene = run_maintenance("cache.expire", settings=settings)
+    assert hygiene["unused_queues"] == ["textnlp.gen.retired", "textnlp.gen.tiny"]
+    assert not broker.exists("_kombu.binding.textnlp.gen.retired")
+    assert broker.exists("_kombu.binding.textnlp.gen.demo")
+
+    tiny_worker = stack.device_worker("cpu.1", args=["--models", "tiny"]).start()
+    stack.wait_ready(worker_hostname(settings, "cpu.1"))
+    requeue = subprocess.run(
+        [sys.executable, "-m", "textnlp_jobs.cli", "jobs", "requeue", "--status", "dead", "--model", "tiny"],
+        cwd=REPO_ROOT, env=stack.process_env({"COLUMNS": "200"}), capture_output=True, text=True, timeout=120)
+    assert requeue.returncode == 0 and "'requeued': 3" in requeue.stdout, requeue.stdout + requeue.stderr
+    final = wait_until_final(client, [j.id for j in orphaned], timeout=120)
+    assert final == {"succeeded": 3}, tiny_worker.log_tail()
+    assert broker.llen(DEAD_LETTER_QUEUE) == 0
+    assert all(j.attempts == 1 for j in client.wait([j.id for j in orphaned], timeout=5))
     broker.close()

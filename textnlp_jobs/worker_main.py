@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from textnlp_jobs.constants import MAINTENANCE_QUEUE, generation_queue
+from textnlp_jobs.constants import generation_queue
 from textnlp_jobs.devices import Device
 from textnlp_jobs.errors import ConfigurationError, ErrorCode, InputError, TextNLPError
 from textnlp_jobs.settings import Settings, get_settings
@@ -66,9 +66,9 @@ def worker_hostname(settings: Settings, device: str) -> str:
     return Device.parse(device, settings.node_name).hostname
 
 
-def maintenance_hostname(settings: Settings) -> str:
-    """The Celery hostname of this node's maintenance worker."""
-    return f"maintenance@{settings.node_name}"
+def maintenance_hostname(settings: Settings, kind: str = "light") -> str:
+    """The Celery hostname of this node's light (or heavy) maintenance worker."""
+    return f"maintenance@{settings.node_name}" if kind == "light" else f"maintenance-{kind}@{settings.node_name}"
 
 
 def run_device_worker(device: str, models: Sequence[str] | None = None, *, concurrency: int | None = None,
@@ -144,14 +144,21 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     return int(status or 0)
 
 
-def run_maintenance_worker(*, loglevel: str = "INFO", concurrency: int = 2) -> None:
-    """The maintenance worker: consumes ``textnlp.maintenance``, where beat sends every scheduled task."""
+def run_maintenance_worker(*, loglevel: str = "INFO", concurrency: int | None = None, only: str | None = None) -> None:
+    """The maintenance worker. ``only="light"`` consumes ``textnlp.maintenance`` (reconcile, health,
+    cache), ``only="heavy"`` ``textnlp.maintenance.heavy`` (retention, vacuum, reindex); with neither
+    it runs both as two supervised processes, so a long heavy task never holds a light task's thread."""
+    from textnlp_jobs.maintenance import worker
+
+    if only is None:
+        sys.exit(worker.run_both(loglevel=loglevel))
     from textnlp_jobs.celery_app import app
 
+    queue, threads = worker.queue_and_threads(only)
     settings = get_settings()
     app.worker_main([
-        *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={concurrency}",
-        f"--queues={MAINTENANCE_QUEUE}", f"--hostname={maintenance_hostname(settings)}", f"--loglevel={loglevel}",
+        *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={concurrency or threads}",
+        f"--queues={queue}", f"--hostname={maintenance_hostname(settings, only)}", f"--loglevel={loglevel}",
         "--without-gossip", "--without-mingle",
     ])
 
@@ -190,12 +197,14 @@ def device_main(argv: Sequence[str] | None = None) -> None:
 
 def maintenance_main(argv: Sequence[str] | None = None) -> None:
     """Command line of the maintenance worker."""
-    parser = argparse.ArgumentParser(description="The maintenance worker (consumes textnlp.maintenance).")
+    parser = argparse.ArgumentParser(description="The maintenance worker: textnlp.maintenance (light) and "
+                                                 "textnlp.maintenance.heavy, each in its own process.")
     parser.add_argument("--loglevel", default=os.environ.get("TEXTNLP_LOGLEVEL", "INFO"))
-    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=None, help="threads (with --only)")
+    parser.add_argument("--only", choices=["light", "heavy"], default=None, help="run one of the two here")
     args = parser.parse_args(argv)
     try:
-        run_maintenance_worker(loglevel=args.loglevel, concurrency=args.concurrency)
+        run_maintenance_worker(loglevel=args.loglevel, concurrency=args.concurrency, only=args.only)
     except TextNLPError as error:
         _fail(error)
 
