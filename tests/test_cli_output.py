@@ -114,10 +114,16 @@ def test_an_unreachable_postgresql_is_one_line_without_the_password(embedded_sta
     assert "127.0.0.1:9" in done.stderr and "hunter2" not in done.stderr
 
 
-def test_an_unreachable_redis_is_one_line(embedded_stack: LocalStack) -> None:
+def test_an_unreachable_redis_at_submit_prints_the_id_a_one_line_warning_and_exits_3(
+    embedded_stack: LocalStack,
+) -> None:
+    # The job exists in the ledger (the reconciler will send it): never reported as failed.
     done = cli(embedded_stack, "submit", "hello", "--model", "demo",
                env={"TEXTNLP_BROKER_URL": "redis://:hunter2@127.0.0.1:9/0"}, timeout=120)
-    assert_one_line_error(done, "broker.unreachable")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert len(done.stdout.strip()) == 36 and "Traceback" not in done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning broker.unreachable: "), done.stderr
     assert "hunter2" not in done.stderr
 
 
