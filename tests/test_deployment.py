@@ -212,3 +212,9 @@ def test_beat_runs_exactly_once_and_flower_requires_its_credentials() -> None:
     assert "TEXTNLP_FLOWER_BASIC_AUTH" in (REPO_ROOT / "ops/k8s/README.md").read_text()
     assert "maintenance" in "".join(c for d in deployments().values()
                                     for c in d["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_the_image_installs_the_built_wheel_not_a_checkout() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "pip wheel" in dockerfile and "/wheels/*.whl" in dockerfile
+    assert "pip install --no-cache-dir -e" not in dockerfile and "COPY workers" not in dockerfile
