@@ -52,7 +52,7 @@ def test_prometheus_scrapes_the_pushgateway_with_honor_labels_flower_and_itself(
     flower_port, prometheus_port = free_port(), free_port()
     flower = subprocess.Popen(
         [sys.executable, "-m", "textnlp_jobs.cli", "flower", "--port", str(flower_port)], cwd=REPO_ROOT,
-        env=embedded_stack.process_env({"TEXTNLP_FLOWER_BASIC_AUTH": "ops:s3cret"}),
+        env=embedded_stack.process_env({"TEXTNLP_FLOWER_BASIC_AUTH": "ops:long-enough-secret"}),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     config = prometheus_config(tmp_path, {"pushgateway:9091": f"127.0.0.1:{gateway.port}",
                                           "flower:5555": f"127.0.0.1:{flower_port}",

@@ -255,6 +255,7 @@ class ContinuousBatcher:
         for job in jobs:
             running.jobs[id(job)] = (job, started, size + len(finished))
         metrics.BATCH_SIZE.labels(running.engine.model_name).observe(size + len(finished))
+        metrics.batch_finished()
         self._finish(running, finished)
 
     def _step(self, model: str, running: _Running) -> None:
