@@ -255,7 +255,6 @@ class ContinuousBatcher:
         for job in jobs:
             running.jobs[id(job)] = (job, started, size + len(finished))
         metrics.BATCH_SIZE.labels(running.engine.model_name).observe(size + len(finished))
-        metrics.batch_finished()
         self._finish(running, finished)
 
     def _step(self, model: str, running: _Running) -> None:
@@ -294,6 +293,8 @@ class ContinuousBatcher:
 
     def _finish(self, running: _Running, finished: list[tuple[Hashable, Any]]) -> None:
         now = time.monotonic()
+        if finished:
+            metrics.batch_finished()
         for key, result in finished:
             job, admitted, size = running.jobs.pop(key)
             running.tokens += result.tokens_generated
