@@ -298,6 +298,10 @@ class ContinuousBatcher:
         for key, result in finished:
             job, admitted, size = running.jobs.pop(key)
             running.tokens += result.tokens_generated
+            # No single generate call here: a job's time in the running batch is its inference time.
+            metrics.INFERENCE_DURATION.labels(
+                running.engine.model_name, running.engine.model_version,
+                metrics.input_length_bucket(len(job.request.prompt_ids))).observe(now - admitted)
             if not job.future.done():
                 job.future.set_result(BatchedResult(result, running.engine.model_version, size, now - admitted,
                                                     admitted - job.arrived))
