@@ -61,6 +61,9 @@ def test_json_output_of_submit_status_list_and_models_parses(embedded_stack: Loc
     assert [row["id"] for row in listing] == [job["id"]]
     models = json.loads(cli(embedded_stack, "models", "list", "--json").stdout)
     assert {"demo", "tiny"} <= {row["model"] for row in models}
+    cli(embedded_stack, "maintenance", "run", "jobs.reconcile", "--dry-run")
+    history = json.loads(cli(embedded_stack, "maintenance", "history", "--json").stdout)
+    assert history[0]["task"] == "jobs.reconcile" and history[0]["dry_run"] is True
 
 
 def test_tables_keep_full_ids_when_stdout_is_a_pipe(embedded_stack: LocalStack) -> None:
@@ -177,3 +180,15 @@ def test_wait_on_many_jobs_prints_a_summary_and_status_shows_the_details(embedde
     detail = cli(embedded_stack, "status", ids[0]).stdout
     for field in ("worker", "attempts", "1 of", "created", "finished", "inference", "demo @ "):
         assert field in detail, detail
+
+
+def test_the_demo_says_what_the_model_is_and_prints_no_banner_or_warning(embedded_stack: LocalStack) -> None:
+    done = cli(embedded_stack, "demo", "--jobs", "2", "--max-new-tokens", "4", timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    everything = done.stdout + done.stderr
+    assert "1M-parameter GPT-2" in done.stderr and "models register" in done.stderr
+    for noise in ("-------------- ", "celery@", "[config]", "Warning", "WARNING", "warn(", "attention_mask",
+                  "Traceback"):
+        assert noise not in everything, everything
+    assert "Return a new list" in done.stdout  # the results table is the data
+    assert "2/2 jobs succeeded" in done.stderr

@@ -6,9 +6,13 @@ from typing import Any
 
 from celery import Celery
 
+from textnlp_jobs import folder_broker
 from textnlp_jobs.constants import GENERATE_TASK, MAINTENANCE_QUEUE, REDBEAT_KEY_PREFIX
 from textnlp_jobs.maintenance.schedule import build_schedule, task_routes
 from textnlp_jobs.settings import Settings, get_settings
+
+# filesystem:// (the embedded broker) writes each message atomically; see folder_broker.
+folder_broker.install()
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """One device's runtime: its loaded models, its batching loop, and the life of one job on it.
 
 ``DeviceRuntime.run_job`` is what a Celery task thread calls: claim the row, hand the job to the
-batching loop, wait for its own result, write it exactly once. It knows nothing of Celery; the
-task module is a thin shell around it.
+batching loop, wait for its own result, write it exactly once. Claims and result writes are
+group-committed (``groups.GroupRunner``): the task threads that wait at the same time share one
+claim statement and one write statement, and each thread returns (so Celery acks its message)
+only after its row is written. It knows nothing of Celery; the task module is a thin shell
+around it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from textnlp_jobs.errors import (
 )
 from textnlp_jobs.inference import store
 from textnlp_jobs.inference.batcher import MicroBatcher, PendingJob
+from textnlp_jobs.inference.continuous import ContinuousBatcher
 from textnlp_jobs.inference.engine import Engine, EngineRequest, SamplingParams
+from textnlp_jobs.inference.groups import GroupRunner
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.settings import Settings
 
@@ -50,6 +55,20 @@ def load_engines(settings: Settings, factory: sessionmaker[Session], device: Dev
     return engines
 
 
+def batching_mode(settings: Settings, engines: dict[str, Engine]) -> str:
+    """The device's loop: continuous when every model on it asks for continuous (or defaults to
+    it on this device) and its engine can decode row by row; static otherwise."""
+    modes = {name: settings.batching_for(name).mode_on(engine.device) for name, engine in engines.items()}
+    def can_continue(engine: Engine) -> bool:
+        return bool(getattr(engine, "supports_continuous", hasattr(engine, "decoder")))
+
+    if modes and all(mode == "continuous" and can_continue(engines[name]) for name, mode in modes.items()):
+        return "continuous"
+    if "continuous" in modes.values():
+        log.warning("batching_mode_static device_models=%s reason=mixed_modes", modes)
+    return "static"
+
+
 class DeviceRuntime:
     """The models and batching loop of one device, and the per-job protocol around them."""
 
@@ -60,11 +79,17 @@ class DeviceRuntime:
         self.engines = engines
         self.worker_name = worker_name
         self.republish = republish
-        self.batcher = MicroBatcher(engines, settings.batching_for, drop_filter=self._drop_filter,
-                                    name=worker_name)
+        self.mode = batching_mode(settings, engines)
+        batcher = ContinuousBatcher if self.mode == "continuous" else MicroBatcher
+        self.batcher: MicroBatcher | ContinuousBatcher = batcher(
+            engines, settings.batching_for, drop_filter=self._drop_filter, name=worker_name)
+        self.claims: GroupRunner[uuid.UUID, repo.ClaimOutcome] = GroupRunner("claim", self._claim_group)
+        self.writes: GroupRunner[repo.Finished, bool] = GroupRunner("write", self._write_group)
 
     def start(self) -> None:
         """Start the batching loop and warm every model up on it, before any job arrives."""
+        self.claims.start()
+        self.writes.start()
         self.batcher.start()
         for engine in self.engines.values():
             warm_up = getattr(engine, "warm_up", None)
@@ -73,11 +98,12 @@ class DeviceRuntime:
 
     def stop(self) -> None:
         self.batcher.stop()
+        self.claims.stop()
+        self.writes.stop()
 
     def run_job(self, job_id: uuid.UUID) -> str:
         """Run one delivery of a job. Returns what happened (a status, or why nothing ran)."""
-        with self.sessions.begin() as session:
-            outcome = repo.claim(session, job_id, self.worker_name, self.settings.lease_seconds)
+        outcome = self.claims.submit(job_id).result()
         job = outcome.job
         if job is None:
             log.info("job_not_run job=%s reason=%s", job_id, outcome.reason)
@@ -100,18 +126,32 @@ class DeviceRuntime:
         except TextNLPError as error:
             return self._failed(job, error, retry=error.retryable)
         result = done.result
-        with self.sessions.begin() as session:
-            written = repo.write_success(session, job.id, job.attempt, repo.Outcome(
-                text=result.text, tokens_generated=result.tokens_generated, mean_logprob=result.mean_logprob,
-                model_version=done.model_version, batch_size=done.batch_size,
-                queue_wait_seconds=(utcnow() - job.created_at).total_seconds() - done.inference_seconds,
-                inference_seconds=done.inference_seconds,
-            ), self.worker_name)
+        written = self.writes.submit(repo.Finished(job.id, job.attempt, repo.Outcome(
+            text=result.text, tokens_generated=result.tokens_generated, mean_logprob=result.mean_logprob,
+            model_version=done.model_version, batch_size=done.batch_size,
+            queue_wait_seconds=(utcnow() - job.created_at).total_seconds() - done.inference_seconds,
+            inference_seconds=done.inference_seconds,
+        ))).result()
         if not written:  # cancelled meanwhile, or the lease went to another attempt
             log.info("result_discarded job=%s attempt=%d", job.id, job.attempt)
             return "discarded"
         metrics.JOBS_FINISHED.labels(job.model, "succeeded").inc()
         return "succeeded"
+
+    def _claim_group(self, ids: Sequence[uuid.UUID]) -> list[repo.ClaimOutcome]:
+        with self.sessions.begin() as session:
+            claimed = repo.claim_many(session, ids, self.worker_name, self.settings.lease_seconds)
+        seen: set[uuid.UUID] = set()
+        out = []
+        for job_id in ids:  # the same job twice in one group (a redelivery): only the first runs it
+            out.append(claimed[job_id] if job_id not in seen else repo.ClaimOutcome(None, "not_queued"))
+            seen.add(job_id)
+        return out
+
+    def _write_group(self, results: Sequence[repo.Finished]) -> list[bool]:
+        with self.sessions.begin() as session:
+            written = repo.write_successes(session, results, self.worker_name)
+        return [r.job_id in written for r in results]
 
     def _request_for(self, job: repo.ClaimedJob) -> EngineRequest:
         engine = self.engines.get(job.model)
