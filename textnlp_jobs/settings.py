@@ -86,6 +86,20 @@ class Settings(BaseSettings):
     filesystem_polling_interval: float = Field(0.05, gt=0)
     reconcile_interval_seconds: float = Field(300.0, gt=0)
 
+    # Worker liveness: a device worker refreshes its heartbeat every interval; once it is older
+    # than the TTL the worker counts as dead and its running jobs are rescued by a live peer, the
+    # worker that replaces it, or the reconciler, without waiting for their lease.
+    heartbeat_interval_seconds: float = Field(2.0, gt=0)
+    heartbeat_ttl_seconds: float = Field(15.0, gt=0)
+    # The reconciler flags queued jobs (error_code queue.no_consumer) whose queue no live worker
+    # has consumed for this long: a pinned device that is gone, a model no device serves.
+    no_consumer_seconds: float = Field(300.0, gt=0)
+    # `worker --all-devices` restarts a crashed device worker after a delay that doubles from
+    # the first to the last value with each crash in a row (reset after a worker ran a while).
+    restart_backoff_seconds: tuple[float, float] = (1.0, 60.0)
+    # Flower refuses basic-auth passwords shorter than this.
+    flower_min_password_length: int = Field(8, ge=1)
+
     # --- maintenance (issue 6) ----------------------------------------------------------------
     # Overrides of the beat schedule by task name: a 5-field crontab in UTC ("30 2 * * *"), a
     # number of seconds (an interval, for tests and demos) or "off", e.g. {"db.vacuum": "30 2 * * *"}.

@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from textnlp_jobs.db.models import AuditLog, Generation, JobStatus, Prompt, utcnow
-from textnlp_jobs.errors import ErrorCode
+from textnlp_jobs.errors import ErrorCode, IdempotencyConflictError
 
 RESULT_WRITTEN = "generation.result_written"
 
@@ -57,6 +57,9 @@ class NewJob:
     deadline: datetime | None = None
     device: str | None = None
     prompt_tokens: int | None = None
+    # False when the seed was drawn for the job, not given: an idempotent resubmission without a
+    # seed then matches the stored job whatever seed was drawn for it.
+    seed_explicit: bool = True
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 
@@ -152,10 +155,51 @@ def existing_by_idempotency_key(session: Session, keys: Iterable[str]) -> dict[s
     return {record.idempotency_key: record for record in map(_to_record, rows) if record.idempotency_key}
 
 
+def _fingerprint(prompt_sha256: str, model: str, max_new_tokens: int, params: dict[str, Any], priority: int,
+                 device: str | None, deadline: datetime | None, max_attempts: int) -> dict[str, Any]:
+    """What an idempotency key promises stays the same between two submissions."""
+    return {"prompt": prompt_sha256, "model": model, "max_new_tokens": max_new_tokens,
+            **{name: params.get(name) for name in ("temperature", "top_p", "top_k", "seed")},
+            "priority": priority, "device": device, "deadline": deadline, "max_attempts": max_attempts}
+
+
+def _job_fingerprint(job: NewJob) -> dict[str, Any]:
+    return _fingerprint(hashlib.sha256(job.prompt.encode("utf-8")).hexdigest(), job.model, job.max_new_tokens,
+                        job.params, job.priority, job.device, job.deadline, job.max_attempts)
+
+
+def _stored_fingerprints(session: Session, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    keys = list(keys)
+    if not keys:
+        return {}
+    g = Generation
+    rows = session.execute(
+        select(g.idempotency_key, Prompt.sha256, g.model, g.max_new_tokens, g.params, g.priority, g.device,
+               g.deadline, g.max_attempts)
+        .join(Prompt, Prompt.id == g.prompt_id).where(g.idempotency_key.in_(keys))
+    ).all()
+    return {row[0]: _fingerprint(*row[1:]) for row in rows}
+
+
+def _check_idempotency(job: NewJob, reference: dict[str, Any]) -> None:
+    """Refuse a key reused with other parameters (a drawn seed is not a parameter the caller chose)."""
+    mine = _job_fingerprint(job)
+    differing = [name for name, value in mine.items()
+                 if value != reference[name] and (name != "seed" or job.seed_explicit)]
+    if differing:
+        raise IdempotencyConflictError(job.idempotency_key or "", differing)
+
+
 def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
     """Insert new jobs in one round of batched INSERTs; an idempotency key already known returns
-    the job it names instead of creating another. Returns one record per input, in order."""
+    the job it names instead of creating another, provided the parameters are the same (else
+    ``IdempotencyConflictError`` names what differs). Returns one record per input, in order."""
     existing = existing_by_idempotency_key(session, (j.idempotency_key for j in jobs if j.idempotency_key))
+    references = _stored_fingerprints(session, existing)
+    for job in jobs:
+        if job.idempotency_key:
+            reference = references.setdefault(job.idempotency_key, _job_fingerprint(job))
+            _check_idempotency(job, reference)
     now = utcnow()
     fresh: list[NewJob] = []
     seen_keys: dict[str, NewJob] = {}

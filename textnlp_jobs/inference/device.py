@@ -14,12 +14,12 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.models import utcnow
+from textnlp_jobs.devices import Device
 from textnlp_jobs.errors import (
     ErrorCode,
     InferenceError,
@@ -41,30 +41,7 @@ log = logging.getLogger(__name__)
 Republish = Callable[[Sequence[repo.Routing]], None]
 
 
-@dataclass(frozen=True)
-class DeviceId:
-    """A device as operators name it: ``cuda.0``, ``cpu.1``."""
-
-    kind: str
-    index: int
-
-    @classmethod
-    def parse(cls, text: str) -> DeviceId:
-        kind, _, index = text.replace(":", ".").partition(".")
-        if kind not in ("cuda", "cpu") or not (index or "0").isdigit():
-            raise ValueError(f"device {text!r} is not like 'cuda.0' or 'cpu.0'")
-        return cls(kind, int(index or 0))
-
-    def __str__(self) -> str:
-        return f"{self.kind}.{self.index}"
-
-    @property
-    def torch_device(self) -> str:
-        # CUDA_VISIBLE_DEVICES pins the process to its GPU, which it then sees as cuda:0.
-        return "cuda:0" if self.kind == "cuda" else "cpu"
-
-
-def load_engines(settings: Settings, factory: sessionmaker[Session], device: DeviceId,
+def load_engines(settings: Settings, factory: sessionmaker[Session], device: Device,
                  models: Sequence[str]) -> dict[str, Engine]:
     """Load every model placed on ``device`` once (``DeviceRuntime.start`` warms them up)."""
     from textnlp_jobs.inference.engine import TransformersEngine
@@ -132,6 +109,8 @@ class DeviceRuntime:
             log.info("job_not_run job=%s reason=%s", job_id, outcome.reason)
             metrics.JOBS_DROPPED.labels("unknown", outcome.reason).inc()
             return outcome.reason
+        if job.model not in self.engines:
+            return self._not_served_here(job)
         metrics.QUEUE_WAIT.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
         try:
             request = self._request_for(job)
@@ -206,6 +185,16 @@ class DeviceRuntime:
             routing = repo.release(session, job.id, job.attempt)
         if routing is not None:
             self.republish([routing])
+        return "released"
+
+    def _not_served_here(self, job: repo.ClaimedJob) -> str:
+        """A pinned job for a model this worker does not serve (placement changed after it was
+        queued) is handed back, never failed: the attempt is not counted, and the reconciler sends
+        it again after its grace period, by when the device may serve the model."""
+        with self.sessions.begin() as session:
+            repo.release(session, job.id, job.attempt)
+        log.warning("job_handed_back job=%s model=%s reason=model_not_on_device device=%s",
+                    job.id, job.model, self.worker_name)
         return "released"
 
     def _failed(self, job: repo.ClaimedJob, error: TextNLPError, *, retry: bool) -> str:
