@@ -123,6 +123,20 @@ class Settings(BaseSettings):
     # queues.dead_letter: messages of a queue no one consumes, older than this, are dead-lettered.
     dead_letter_after_seconds: float = Field(86_400, gt=0)
 
+    # Observability. With no pushgateway URL nothing is pushed; a metrics port serves /metrics for pull.
+    pushgateway_url: str | None = None
+    push_interval_seconds: float = Field(15.0, gt=0)
+    push_timeout_seconds: float = Field(3.0, gt=0)
+    # metrics.expire_groups deletes worker groups whose last push is older than this (a SIGKILLed worker).
+    pushgateway_group_ttl_seconds: float = Field(900.0, gt=0)
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # health.check: how long workers get to answer a ping, and when a figure turns degraded / down.
+    health_ping_timeout_seconds: float = Field(2.0, gt=0)
+    health_queue_age_degraded_seconds: float = Field(300.0, gt=0)
+    health_queue_age_down_seconds: float = Field(1800.0, gt=0)
+    health_disk_free_degraded_ratio: float = Field(0.15, ge=0, le=1)
+    health_disk_free_down_ratio: float = Field(0.05, ge=0, le=1)
+
     @field_validator("placement")
     @classmethod
     def _placement_has_models(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -102,6 +102,8 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.inference.device import DeviceRuntime, load_engines
     from textnlp_jobs.liveness import Liveness
+    from textnlp_jobs.maintenance.health import announce_device, retire_device
+    from textnlp_jobs.metrics.push import DEVICE_WORKER_JOB, start_worker_metrics, stop_worker_metrics
     from textnlp_jobs.publish import publish_and_mark
     from textnlp_jobs.tasks import generation
 
@@ -125,6 +127,8 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         runtime = DeviceRuntime(settings, factory, engines, worker_name=dev.name, republish=republish)
         runtime.start()
         generation.install_runtime(runtime)
+        start_worker_metrics(settings, DEVICE_WORKER_JOB, dev.local, device=dev.local)
+        announce_device(settings, dev.local, dev.hostname)
         log.info("device_worker_starting device=%s models=%s queues=%s threads=%d cuda_visible_devices=%s "
                  "torch_device=%s", dev, names, queues, threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
                  dev.torch_device)
@@ -136,7 +140,10 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
                 f"--queues={','.join(queues)}", f"--hostname={dev.hostname}",
                 f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
             ])
+            if not status:  # a clean stop: health.check no longer expects this device
+                retire_device(settings, dev.local)
         finally:
+            stop_worker_metrics()
             generation.install_runtime(None)
             runtime.stop()
     finally:
@@ -153,9 +160,15 @@ def run_maintenance_worker(*, loglevel: str = "INFO", concurrency: int | None = 
     if only is None:
         sys.exit(worker.run_both(loglevel=loglevel))
     from textnlp_jobs.celery_app import app
+    from textnlp_jobs.maintenance.schedule import period_seconds, schedules
+    from textnlp_jobs.metrics.maintenance import record_schedule_periods
+    from textnlp_jobs.metrics.push import MAINTENANCE_WORKER_JOB, start_worker_metrics
 
     queue, threads = worker.queue_and_threads(only)
     settings = get_settings()
+    start_worker_metrics(settings, MAINTENANCE_WORKER_JOB, f"maintenance-{only}")
+    record_schedule_periods({name: period_seconds(schedule)
+                             for name, schedule in schedules(settings).items() if schedule is not None})
     app.worker_main([
         *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={concurrency or threads}",
         f"--queues={queue}", f"--hostname={maintenance_hostname(settings, only)}", f"--loglevel={loglevel}",

@@ -15,7 +15,7 @@ import traceback
 from typer import Abort
 from typer._click.exceptions import NoArgsIsHelpError
 
-from textnlp_jobs.cli import db, jobs, maintenance, models, services  # noqa: F401  (registers commands)
+from textnlp_jobs.cli import db, health, jobs, maintenance, models, services  # noqa: F401  (registers commands)
 from textnlp_jobs.cli.base import app, console, err_console, state
 from textnlp_jobs.cli.failures import expected, save_traceback
 from textnlp_jobs.errors import ErrorCode

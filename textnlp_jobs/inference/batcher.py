@@ -212,6 +212,7 @@ class MicroBatcher:
                 elapsed: float) -> None:
         longest_prompt = max(len(p.request.prompt_ids) for p in batch)
         metrics.BATCH_SIZE.labels(engine.model_name).observe(len(batch))
+        metrics.batch_finished()
         metrics.INFERENCE_DURATION.labels(
             engine.model_name, engine.model_version, metrics.input_length_bucket(longest_prompt)
         ).observe(elapsed)

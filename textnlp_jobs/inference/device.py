@@ -136,6 +136,7 @@ class DeviceRuntime:
             log.info("result_discarded job=%s attempt=%d", job.id, job.attempt)
             return "discarded"
         metrics.JOBS_FINISHED.labels(job.model, "succeeded").inc()
+        metrics.JOB_LATENCY.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
         return "succeeded"
 
     def _claim_group(self, ids: Sequence[uuid.UUID]) -> list[repo.ClaimOutcome]:
@@ -177,6 +178,7 @@ class DeviceRuntime:
             expired = repo.expire_claimed(session, job.id, job.attempt)
         reason = "expired" if expired else "cancelled"
         metrics.JOBS_DROPPED.labels(job.model, reason).inc()
+        metrics.JOBS_FINISHED.labels(job.model, reason).inc()
         log.info("job_dropped job=%s reason=%s", job.id, reason)
         return reason
 
@@ -202,5 +204,7 @@ class DeviceRuntime:
             status = repo.write_failure(session, job.id, job.attempt, error.code, error.message,
                                         self.worker_name, retry=retry)
         metrics.MODEL_ERRORS.labels(job.model, error.code).inc()
+        if status == "failed":
+            metrics.JOBS_FINISHED.labels(job.model, status).inc()
         log.warning("job_failed job=%s attempt=%d code=%s status=%s", job.id, job.attempt, error.code, status)
         return status or "discarded"

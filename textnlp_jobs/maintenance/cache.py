@@ -36,6 +36,7 @@ from textnlp_jobs.maintenance.queues import (
     uses_redis,
 )
 from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task, skipped
+from textnlp_jobs.metrics import registry as metrics
 
 if TYPE_CHECKING:
     import redis
@@ -231,6 +232,7 @@ def memory(ctx: TaskContext) -> dict[str, Any]:
     client = redis_client(ctx.settings)
     try:
         info = client.info("memory")
+        metrics.REDIS_MEMORY.set(int(info.get("used_memory") or 0))
         allocator = str(info.get("mem_allocator", ""))
         report: dict[str, Any] = {
             "used_memory": info.get("used_memory"), "used_memory_peak": info.get("used_memory_peak"),

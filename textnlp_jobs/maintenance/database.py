@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from textnlp_jobs.db.models import FINAL_STATUSES, AuditLog, Generation, MaintenanceRun, Prompt, utcnow
 from textnlp_jobs.maintenance import archive
 from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
-from textnlp_jobs.metrics.maintenance import record_table_report
+from textnlp_jobs.metrics.maintenance import record_retention, record_table_report
 
 # The tables and indexes that take the job traffic. Fixed: no name here ever comes from input.
 HOT_TABLES: tuple[str, ...] = ("generations", "prompts", "audit_logs", "maintenance_runs")
@@ -278,6 +278,7 @@ def retention(ctx: TaskContext) -> dict[str, Any]:
     _delete_older(ctx, "maintenance_runs", MaintenanceRun.started_at, MaintenanceRun.id, cut.maintenance_runs, stats)
     seconds = time.monotonic() - started
     deleted = sum(v for k, v in stats.rows.items() if k != "archived")
+    record_retention(stats.rows)
     return {"policy": policy, "archives": archives, "deleted": {k: v for k, v in stats.rows.items() if k != "archived"},
             "archived": stats.rows.get("archived", 0), "batches": stats.batches, "largest_batch": stats.largest_batch,
             "lock_timeouts": stats.lock_timeouts, "seconds": round(seconds, 3),

@@ -29,6 +29,8 @@ TASK_MODULES: tuple[str, ...] = (
     "textnlp_jobs.maintenance.database",
     "textnlp_jobs.maintenance.cache",
     "textnlp_jobs.maintenance.queues",
+    "textnlp_jobs.maintenance.health",
+    "textnlp_jobs.metrics.expire",
 )
 
 

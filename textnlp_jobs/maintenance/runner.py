@@ -13,6 +13,7 @@ from textnlp_jobs.db.session import session_factory
 from textnlp_jobs.maintenance.locks import maintenance_lock
 from textnlp_jobs.maintenance.registry import TaskContext, get_task
 from textnlp_jobs.metrics.maintenance import record_maintenance_run
+from textnlp_jobs.metrics.push import push_after_task
 from textnlp_jobs.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def run_maintenance(name: str, *, dry_run: bool = False, celery: Celery | None =
                 session.execute(update(MaintenanceRun).where(MaintenanceRun.id == run_id)
                                 .values(status=status, finished_at=utcnow(), result={"status": status, **result}))
             record_maintenance_run(name, status, duration)
+            push_after_task(settings, name)
             log.info("maintenance_finished task=%s status=%s dry_run=%s seconds=%.3f",
                      name, status, dry_run, duration)
 

@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from textnlp_jobs.metrics.registry import REGISTRY
+from textnlp_jobs.metrics.registry import MAINTENANCE_PERIOD, REGISTRY, RETENTION_ROWS
 
 MAINTENANCE_RUNS = Counter(
     "textnlp_maintenance_runs_total", "Maintenance runs by task and how they ended "
@@ -52,3 +52,18 @@ def record_table_report(table: str, size_bytes: int, dead_tuples: int | None, bl
     if dead_tuples is not None:
         DB_DEAD_TUPLES.labels(table).set(dead_tuples)
     DB_BLOAT_RATIO.labels(table).set(bloat_ratio)
+
+
+def record_retention(rows: dict[str, int]) -> None:
+    """Rows one db.retention run archived ("archived": generations) and deleted (by table)."""
+    for table, count in rows.items():
+        if table == "archived":
+            RETENTION_ROWS.labels("generations", "archived").inc(count)
+        else:
+            RETENTION_ROWS.labels(table, "deleted").inc(count)
+
+
+def record_schedule_periods(periods: dict[str, float]) -> None:
+    """Each scheduled task's period: the alert on a task not succeeding waits for two of them."""
+    for task, seconds in periods.items():
+        MAINTENANCE_PERIOD.labels(task).set(seconds)

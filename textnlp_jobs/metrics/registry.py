@@ -47,6 +47,73 @@ RECONCILED = Counter(
     "textnlp_reconciler_actions_total", "Rows the reconciler acted on.", ["action"], registry=REGISTRY,
 )
 
+JOB_LATENCY = Histogram(
+    "textnlp_job_latency_seconds", "From submission to the result written (end to end).", ["model_name"],
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+
+# --- workers: one series per device, so an operator sees each GPU -----------------------------
+WORKER_UP = Gauge(
+    "textnlp_worker_up", "1 while this device worker runs (its group is deleted on a clean shutdown).",
+    ["device"], registry=REGISTRY,
+)
+WORKER_LAST_BATCH = Gauge(
+    "textnlp_worker_last_batch_timestamp_seconds", "Unix time of the device's last finished batch.",
+    ["device"], registry=REGISTRY,
+)
+DEVICE_MEMORY_TOTAL = Gauge(
+    "textnlp_device_memory_total_bytes", "Total memory of the worker's GPU.", ["device"], registry=REGISTRY,
+)
+
+# --- what health.check measures (pushed by the maintenance worker) ----------------------------
+LEDGER_JOBS = Gauge(
+    "textnlp_ledger_jobs", "Jobs in the ledger by model and status.", ["model_name", "status"], registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "textnlp_queue_depth", "Messages waiting in a broker queue (all priority levels).", ["queue"],
+    registry=REGISTRY,
+)
+QUEUE_OLDEST_AGE = Gauge(
+    "textnlp_queue_oldest_job_age_seconds", "Age of the oldest queued job of a queue (0 when none).", ["queue"],
+    registry=REGISTRY,
+)
+QUEUE_CONSUMERS = Gauge(
+    "textnlp_queue_consumers", "Live workers consuming a queue (from Celery inspect).", ["queue"],
+    registry=REGISTRY,
+)
+WORKERS_ALIVE = Gauge(
+    "textnlp_workers_alive", "Known device workers that answered the last health ping.", registry=REGISTRY,
+)
+HEALTH_STATUS = Gauge(
+    "textnlp_health_status", "Last health.check result per component: 0 ok, 1 degraded, 2 down.", ["component"],
+    registry=REGISTRY,
+)
+HEALTH_LAST_RUN = Gauge(
+    "textnlp_health_last_run_timestamp_seconds", "Unix time of the last health.check.", registry=REGISTRY,
+)
+DISK_FREE = Gauge(
+    "textnlp_disk_free_bytes", "Free bytes on the filesystem of a volume the system writes to.", ["volume"],
+    registry=REGISTRY,
+)
+DISK_SIZE = Gauge(
+    "textnlp_disk_size_bytes", "Size of the filesystem of a volume the system writes to.", ["volume"],
+    registry=REGISTRY,
+)
+REDIS_MEMORY = Gauge(
+    "textnlp_redis_memory_used_bytes", "Memory Redis reports in use (INFO memory used_memory).", registry=REGISTRY,
+)
+MAINTENANCE_PERIOD = Gauge(
+    "textnlp_maintenance_period_seconds", "How often a maintenance task is scheduled (alerts use twice this).",
+    ["task"], registry=REGISTRY,
+)
+RETENTION_ROWS = Counter(
+    "textnlp_retention_rows_total", "Rows db.retention archived or deleted, by table.", ["table", "action"],
+    registry=REGISTRY,
+)
+PUSHGATEWAY_GROUPS_EXPIRED = Counter(
+    "textnlp_pushgateway_groups_expired_total", "Pushgateway groups of silent workers deleted.", registry=REGISTRY,
+)
+
 
 def input_length_bucket(tokens: int) -> str:
     """A coarse label for prompt length, so label cardinality stays small."""
@@ -68,3 +135,21 @@ def record_memory(torch_device: str) -> None:
         MEMORY_USAGE.labels("gpu_allocated").set(torch.cuda.memory_allocated())
         MEMORY_USAGE.labels("gpu_reserved").set(torch.cuda.memory_reserved())
         MEMORY_USAGE.labels("gpu_max_allocated").set(torch.cuda.max_memory_allocated())
+        if _device is not None:
+            DEVICE_MEMORY_TOTAL.labels(_device).set(torch.cuda.get_device_properties(0).total_memory)
+
+
+_device: str | None = None
+
+
+def worker_started(device: str) -> None:
+    """Mark this process as the worker of ``device``: ``textnlp_worker_up`` and batch times follow it."""
+    global _device
+    _device = device
+    WORKER_UP.labels(device).set(1)
+
+
+def batch_finished() -> None:
+    """Record the time of the device's last finished batch (a worker that stops batching shows)."""
+    if _device is not None:
+        WORKER_LAST_BATCH.labels(_device).set_to_current_time()
