@@ -84,3 +84,34 @@ class WorkerShuttingDownError(InferenceError):
 
     code = "inference.shutdown"
     retryable = True
+
+
+class ModelNotFoundError(TextNLPError):
+    """No registered model or version has that name."""
+
+    code = "models.not_found"
+
+
+class ModelRegistrationError(ModelStoreError):
+    """A directory cannot be registered: a file is missing, the architecture is unknown, or the
+    tokenizer does not fit the model. Nothing was registered."""
+
+    code = "models.invalid"
+
+
+class ModelCorruptError(ModelStoreError):
+    """The version's files no longer match their checksums; it is never served."""
+
+    code = "models.corrupt"
+
+
+class ModelInUseError(TextNLPError):
+    """The version is promoted, pinned or loaded, so it cannot be removed."""
+
+    code = "models.in_use"
+
+
+class NoPreviousVersionError(TextNLPError):
+    """A rollback found no earlier promotion to go back to."""
+
+    code = "models.no_previous_version"

@@ -1,0 +1,191 @@
+"""The model registry: registering directories users bring, promotions per environment with
+rollback, pins, removal rules, and the audit trail every change leaves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from textnlp_jobs.db.migrate import upgrade
+from textnlp_jobs.db.models import AuditLog, Model, ModelVersion
+from textnlp_jobs.db.session import dispose_engines, session_factory
+from textnlp_jobs.errors import (
+    ModelCorruptError,
+    ModelInUseError,
+    ModelRegistrationError,
+    NoPreviousVersionError,
+)
+from textnlp_jobs.inference import registry
+from textnlp_jobs.settings import Settings
+
+
+def only_version(root: Path, name: str) -> Path:
+    (version_dir,) = (d for d in (root / name).iterdir() if not d.name.startswith("."))
+    return version_dir
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[tuple[Settings, sessionmaker[Session]]]:
+    settings = Settings(home=tmp_path / "home", model_store=tmp_path / "store")
+    upgrade(settings.database_url_value())
+    yield settings, session_factory(settings)
+    dispose_engines()
+
+
+@pytest.fixture
+def tiny_copy(model_store: Path, tmp_path: Path) -> Path:
+    """A user's own model directory: a copy of the tiny GPT-2 outside the store."""
+    return Path(shutil.copytree(only_version(model_store, "tiny"), tmp_path / "my-model"))
+
+
+def variant(directory: Path, tag: str) -> Path:
+    """Same weights, one more file: another version of the model."""
+    copy = Path(shutil.copytree(directory, directory.parent / f"{directory.name}-{tag}"))
+    (copy / "README.md").write_text(f"variant {tag}\n")
+    return copy
+
+
+def test_registering_copies_the_directory_into_the_store_and_records_what_it_is(
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path) -> None:
+    settings, factory = ledger
+    done = registry.register_directory(settings, factory, tiny_copy, "mine", description="my tiny model")
+    assert done.created and done.path.parent == settings.model_store_dir() / "mine"
+    assert sorted(p.name for p in done.path.iterdir()) == sorted(p.name for p in tiny_copy.iterdir())
+    with factory() as session:
+        version = session.execute(select(ModelVersion)).scalar_one()
+        assert version.version == done.version and not version.in_place
+        assert version.architecture == "GPT2LMHeadModel" and version.dtype == "float32"
+        assert version.parameter_count and version.parameter_count > 10_000
+        assert version.max_positions == 256
+        assert version.special_tokens["eos_token"] == "<|endoftext|>" and version.special_tokens["eos_token_id"] == 0
+        assert set(version.manifest) >= {"config.json", "model.safetensors", "tokenizer.json"}
+        assert version.size_bytes == sum(p.stat().st_size for p in tiny_copy.iterdir())
+        audit = session.execute(select(AuditLog)).scalar_one()
+        assert audit.action == "model.register" and audit.details["to"] == done.version and audit.actor
+    again = registry.register_directory(settings, factory, tiny_copy, "mine")
+    assert not again.created and again.version == done.version
+
+
+def test_in_place_registration_references_the_directory_where_it_is(
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path) -> None:
+    settings, factory = ledger
+    done = registry.register_directory(settings, factory, tiny_copy, "mine", in_place=True)
+    assert done.path == tiny_copy.resolve()
+    assert not (settings.model_store_dir() / "mine").exists()
+    with factory() as session:
+        assert session.execute(select(ModelVersion.in_place)).scalar_one() is True
+
+
+def break_weights(directory: Path) -> None:
+    (directory / "model.safetensors").unlink()
+
+
+def break_architecture(directory: Path) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"], config["architectures"] = "frobnicator", ["FrobnicatorForCausalLM"]
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def break_tokenizer(directory: Path, demo: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # 4096 tokens for a 512-row embedding
+        shutil.copy(demo / name, directory / name)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("weights", "missing weights: model.safetensors"),
+    ("architecture", "unsupported architecture: model_type 'frobnicator'"),
+    ("tokenizer", "mismatched tokenizer: it has 4096 tokens but the model's embedding has 512 rows"),
+])
+def test_a_broken_directory_gets_a_clear_error_and_registers_nothing(
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path, model_store: Path,
+        damage: str, message: str) -> None:
+    settings, factory = ledger
+    if damage == "weights":
+        break_weights(tiny_copy)
+    elif damage == "architecture":
+        break_architecture(tiny_copy)
+    else:
+        break_tokenizer(tiny_copy, only_version(model_store, "demo"))
+    with pytest.raises(ModelRegistrationError, match=message) as raised:
+        registry.register_directory(settings, factory, tiny_copy, "broken")
+    assert raised.value.code == "models.invalid"
+    with factory() as session:
+        assert session.execute(select(Model)).first() is None
+        assert session.execute(select(AuditLog)).first() is None
+    assert not (settings.model_store_dir() / "broken").exists()
+
+
+def test_promote_then_rollback_goes_back_to_the_previously_promoted_version(
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path) -> None:
+    settings, factory = ledger
+    first = registry.register_directory(settings, factory, tiny_copy, "mine").version
+    second = registry.register_directory(settings, factory, variant(tiny_copy, "b"), "mine").version
+    third = registry.register_directory(settings, factory, variant(tiny_copy, "c"), "mine").version
+    with factory.begin() as session:
+        assert registry.resolve(session, "mine").version == third  # nothing promoted: the newest
+        registry.promote(session, "mine", first, "production", actor="alice")
+        registry.promote(session, "mine", second[:6], "production", actor="alice")  # a unique prefix will do
+        registry.promote(session, "mine", third, "staging", actor="bob")
+        assert registry.resolve(session, "mine", "production").version == second
+    with factory.begin() as session:
+        switch = registry.rollback(session, "mine", "production", actor="carol")
+    assert (switch.previous, switch.current) == (second, first)
+    with factory.begin() as session:
+        assert registry.resolve(session, "mine", "production").version == first
+        assert registry.resolve(session, "mine", "staging").version == third
+        with pytest.raises(NoPreviousVersionError):
+            registry.rollback(session, "mine", "production")
+        rows = session.execute(select(AuditLog).where(AuditLog.action.in_(["model.promote", "model.rollback"]))
+                               .order_by(AuditLog.id)).scalars().all()
+    assert [(r.actor, r.action, r.details["from"], r.details["to"], r.details["environment"]) for r in rows] == [
+        ("alice", "model.promote", None, first, "production"),
+        ("alice", "model.promote", first, second, "production"),
+        ("bob", "model.promote", None, third, "staging"),
+        ("carol", "model.rollback", second, first, "production"),
+    ]
+
+
+def test_remove_is_refused_while_promoted_pinned_or_loaded_and_then_deletes_files_and_row(
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path) -> None:
+    settings, factory = ledger
+    old = registry.register_directory(settings, factory, tiny_copy, "mine")
+    new = registry.register_directory(settings, factory, variant(tiny_copy, "b"), "mine")
+    with factory.begin() as session:
+        registry.promote(session, "mine", old.version, "production")
+    with pytest.raises(ModelInUseError, match="promoted in production"):
+        registry.remove(settings, factory, "mine", old.version)
+    with factory.begin() as session:
+        registry.promote(session, "mine", new.version, "production")
+        registry.set_pinned(session, "mine", old.version, True)
+    with pytest.raises(ModelInUseError, match="pinned"):
+        registry.remove(settings, factory, "mine", old.version)
+    with factory.begin() as session:
+        registry.set_pinned(session, "mine", old.version, False)
+        old_id = registry.get_version(session, "mine", old.version)[1].id
+        registry.record_loads(session, "host/cpu.0", [old_id])
+    with pytest.raises(ModelInUseError, match=r"loaded on host/cpu\.0"):
+        registry.remove(settings, factory, "mine", old.version)
+    with factory.begin() as session:
+        registry.forget_loads(session, "host/cpu.0")
+    freed = registry.remove(settings, factory, "mine", old.version)
+    assert freed > 0 and not old.path.exists() and new.path.exists()
+    with factory() as session:
+        assert [v.version for v in session.execute(select(ModelVersion)).scalars()] == [new.version]
+        assert session.execute(select(AuditLog.action).where(AuditLog.action == "model.remove")).scalar_one()
+
+
+def test_a_corrupt_version_is_never_resolved_for_serving(
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path) -> None:
+    settings, factory = ledger
+    done = registry.register_directory(settings, factory, tiny_copy, "mine")
+    with factory.begin() as session:
+        version = registry.get_version(session, "mine", done.version)[1]
+        version.corrupt, version.corrupt_reason = True, "changed: model.safetensors"
+    with factory() as session, pytest.raises(ModelCorruptError, match="changed: model.safetensors"):
+        registry.resolve(session, "mine")
