@@ -7,9 +7,11 @@ A missing PostgreSQL or Redis skips the integration tests on a laptop but fails 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -39,8 +41,29 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real demo model (and the tiny one), built once per test run, as the CLI builds them."""
     root = tmp_path_factory.mktemp("model-store")
     for name in ("demo", "tiny"):
-        store.build_into_store(root, name, lambda target, name=name: build_model(name, target))
+        store.build_into_store(root, name, lambda target, name=name: _build_cached(name, target))
     return root
+
+
+def _build_cached(name: str, target: Path) -> None:
+    """Build a bootstrap model, or copy the identical one an earlier test run on this machine built.
+
+    Builds are seeded, so the recipe code's hash is a safe key; training the demo model costs
+    minutes on a busy 2-core machine and every test run needs the same bytes.
+    """
+    from textnlp_jobs.inference import bootstrap
+
+    key = hashlib.sha256(Path(bootstrap.__file__).read_bytes() + name.encode()).hexdigest()[:16]
+    cached = Path(tempfile.gettempdir()) / "textnlp-test-models" / f"{name}-{key}"
+    if not cached.is_dir():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{cached.name}-", dir=cached.parent))
+        build_model(name, scratch)
+        try:
+            scratch.rename(cached)  # atomic: a half-built copy is never seen by a parallel run
+        except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)  # another run won the race
+    shutil.copytree(cached, target, dirs_exist_ok=True)
 
 
 def register_models(settings_store: Path, database_url: str) -> None:
