@@ -25,11 +25,6 @@ from textnlp_jobs.inference import registry
 from textnlp_jobs.settings import Settings
 
 
-def only_version(root: Path, name: str) -> Path:
-    (version_dir,) = (d for d in (root / name).iterdir() if not d.name.startswith("."))
-    return version_dir
-
-
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[tuple[Settings, sessionmaker[Session]]]:
     settings = Settings(home=tmp_path / "home", model_store=tmp_path / "store")
@@ -39,9 +34,9 @@ def ledger(tmp_path: Path) -> Iterator[tuple[Settings, sessionmaker[Session]]]:
 
 
 @pytest.fixture
-def tiny_copy(model_store: Path, tmp_path: Path) -> Path:
-    """A user's own model directory: a copy of the tiny GPT-2 outside the store."""
-    return Path(shutil.copytree(only_version(model_store, "tiny"), tmp_path / "my-model"))
+def tiny_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    """A user's own model directory: a copy of the tiny GPT-2."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "my-model"))
 
 
 def variant(directory: Path, tag: str) -> Path:
@@ -92,26 +87,29 @@ def break_architecture(directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps(config))
 
 
-def break_tokenizer(directory: Path, demo: Path) -> None:
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # 4096 tokens for a 512-row embedding
-        shutil.copy(demo / name, directory / name)
+def break_tokenizer(directory: Path) -> None:
+    """A tokenizer with 600 more tokens than the model has embedding rows for."""
+    from textnlp_jobs.inference.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    tokenizer.add_tokens([f"extra-token-{i}" for i in range(600)])
+    tokenizer.save_pretrained(directory)
 
 
 @pytest.mark.parametrize(("damage", "message"), [
     ("weights", "missing weights: model.safetensors"),
     ("architecture", "unsupported architecture: model_type 'frobnicator'"),
-    ("tokenizer", "mismatched tokenizer: it has 4096 tokens but the model's embedding has 512 rows"),
+    ("tokenizer", "mismatched tokenizer: it has 1112 tokens but the model's embedding has 512 rows"),
 ])
 def test_a_broken_directory_gets_a_clear_error_and_registers_nothing(
-        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path, model_store: Path,
-        damage: str, message: str) -> None:
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path, damage: str, message: str) -> None:
     settings, factory = ledger
     if damage == "weights":
         break_weights(tiny_copy)
     elif damage == "architecture":
         break_architecture(tiny_copy)
     else:
-        break_tokenizer(tiny_copy, only_version(model_store, "demo"))
+        break_tokenizer(tiny_copy)
     with pytest.raises(ModelRegistrationError, match=message) as raised:
         registry.register_directory(settings, factory, tiny_copy, "broken")
     assert raised.value.code == "models.invalid"
@@ -187,5 +185,5 @@ def test_a_corrupt_version_is_never_resolved_for_serving(
     with factory.begin() as session:
         version = registry.get_version(session, "mine", done.version)[1]
         version.corrupt, version.corrupt_reason = True, "changed: model.safetensors"
-    with factory() as session, pytest.raises(ModelCorruptError, match="changed: model.safetensors"):
+    with factory() as session, pytest.raises(ModelCorruptError, match=r"changed: model\.safetensors"):
         registry.resolve(session, "mine")

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     # models.quantize registers an int8 variant only when, against its source on the held-out text,
     # perplexity rises by at most this fraction and CPU tokens/s at batch 1 and 8 reach this ratio.
     quantize_max_perplexity_increase: float = Field(0.05, ge=0)
-    quantize_min_speedup: float = Field(1.5, gt=0)
+    quantize_min_speedup: float = Field(1.5, ge=0)
 
     @field_validator("placement")
     @classmethod

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from textnlp_jobs.errors import OutOfMemoryError, TokenizationError
+from textnlp_jobs.errors import ModelStoreError, OutOfMemoryError, TokenizationError
+from textnlp_jobs.inference.loading import QUANTIZATION_FILE
 from textnlp_jobs.metrics.registry import record_memory
 
 log = logging.getLogger(__name__)
@@ -150,21 +151,28 @@ class TransformersEngine:
     def __init__(self, model_name: str, model_version: str, path: Path, device: str = "cpu") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from textnlp_jobs.inference.loading import eos_token_id, load_model, load_tokenizer, max_positions
 
         self.model_name = model_name
         self.model_version = model_version
         self.device = device
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        self.model.to(device)  # type: ignore[arg-type]  # transformers types .to() narrowly
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_model(path)  # a float directory or an int8 variant this project wrote
+        if (path / QUANTIZATION_FILE).is_file() and not device.startswith("cpu"):
+            raise ModelStoreError(f"{model_name} version {model_version} is an int8 CPU variant; "
+                                  f"it cannot run on {device}")
+        self.model.to(device)
         self.model.eval()
-        self.eos_id = int(self.tokenizer.eos_token_id)
+        eos = eos_token_id(self.tokenizer, self.model.config)
+        if eos is None:
+            raise ModelStoreError(f"{model_name} version {model_version} names no end-of-sequence token")
+        self.eos_id = eos
+        # A tokenizer without a pad token pads with EOS: padded positions are masked out anyway.
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
         self.vocab_limit = len(self.tokenizer)
-        self.max_positions = int(getattr(self.model.config, "n_positions", 0)
-                                 or getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_positions = max_positions(self.model.config) or 2048
 
     def tokenize(self, prompt: str) -> list[int]:
         try:
