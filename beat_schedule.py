@@ -1,24 +1,13 @@
-"""What Celery beat sends, and when: the maintenance schedule and nothing else."""
+"""What Celery beat sends, and when: the maintenance schedule and nothing else.
+
+The schedule is built in ``textnlp_jobs.maintenance.schedule`` (so the installed package carries
+it); this module is the design's entry point to it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from textnlp_jobs.constants import MAINTENANCE_QUEUE, RECONCILE_TASK
-
-FIVE_MINUTES = 300.0
-
-
-def build_schedule(reconcile_every: float = FIVE_MINUTES) -> dict[str, Any]:
-    """The beat schedule; intervals are arguments so tests and demos can run it faster."""
-    return {
-        RECONCILE_TASK: {
-            "task": RECONCILE_TASK,
-            "schedule": reconcile_every,
-            # A run that could not start within one period is superseded by the next one.
-            "options": {"queue": MAINTENANCE_QUEUE, "expires": reconcile_every},
-        },
-    }
-
+from textnlp_jobs.maintenance.schedule import FIVE_MINUTES, build_schedule
 
 BEAT_SCHEDULE = build_schedule()
+
+__all__ = ["BEAT_SCHEDULE", "FIVE_MINUTES", "build_schedule"]

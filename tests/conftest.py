@@ -68,8 +68,10 @@ def _build_cached(name: str, target: Path) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny GPT-2 alone (about a second to build), outside any store: a model a user brings."""
-    return build_model("tiny", tmp_path_factory.mktemp("tiny") / "tiny")
+    """The tiny GPT-2 alone, outside any store: a model a user brings."""
+    target = tmp_path_factory.mktemp("tiny") / "tiny"
+    _build_cached("tiny", target)
+    return target
 
 
 def register_models(settings_store: Path, database_url: str) -> None:
@@ -114,6 +116,7 @@ def base_env(home: Path, model_store: Path) -> dict[str, str]:
     return {
         "TEXTNLP_HOME": str(home),
         "TEXTNLP_MODEL_STORE": str(model_store),
+        "TEXTNLP_MODEL_CACHE": "off",  # tests never read or fill the user's build cache
         "TEXTNLP_NODE_NAME": TEST_NODE,
         "TEXTNLP_LEASE_SECONDS": "10",
         "TEXTNLP_MAX_JOB_SECONDS": "8",

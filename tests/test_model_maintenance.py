@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from textnlp_jobs.db.migrate import upgrade
 from textnlp_jobs.db.models import AuditLog, ModelVersion, utcnow
 from textnlp_jobs.db.session import dispose_engines, session_factory
-from textnlp_jobs.errors import ModelCorruptError
+from textnlp_jobs.errors import ModelCorruptError, ModelValidationFailed
 from textnlp_jobs.inference import registry
 from textnlp_jobs.local_stack import REPO_ROOT
 from textnlp_jobs.maintenance import models as tasks
@@ -94,7 +94,7 @@ def test_validation_catches_one_flipped_byte_and_the_version_is_then_refused(led
     assert tasks.validate(job(ledger))["output_changed"] == []  # same files, same greedy output
 
     flip_one_byte(done.path / "model.safetensors")
-    with pytest.raises(tasks.ModelValidationFailed, match=r"changed: model\.safetensors"):
+    with pytest.raises(ModelValidationFailed, match=r"changed: model\.safetensors"):
         tasks.validate(job(ledger))
     with factory() as session:
         version = session.execute(select(ModelVersion)).scalar_one()

@@ -6,8 +6,8 @@ from typing import Any
 
 from celery import Celery
 
-from beat_schedule import build_schedule
 from textnlp_jobs.constants import GENERATE_TASK, MAINTENANCE_QUEUE, RECONCILE_TASK
+from textnlp_jobs.maintenance.schedule import build_schedule
 from textnlp_jobs.settings import Settings, get_settings
 
 

@@ -27,7 +27,7 @@ from textnlp_jobs.celery_app import create_app
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.repository import Job
 from textnlp_jobs.db.session import session_factory
-from textnlp_jobs.errors import InputError, JobNotFoundError, TextNLPError
+from textnlp_jobs.errors import ErrorCode, InputError, JobNotFoundError, JobWaitTimeout, TextNLPError
 from textnlp_jobs.inference import store
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.publish import publish_and_mark
@@ -40,17 +40,11 @@ INSERT_BATCH = 1000
 _MODEL_CACHE_SECONDS = 30.0
 
 
-class JobWaitTimeout(TextNLPError):
-    """``wait`` ran out of time before every job finished."""
-
-    code = "jobs.wait_timeout"
-
-
 def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
     try:
         return job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
     except ValueError:
-        raise InputError("id", f"{job_id!r} is not a job id", code="input.job_id_invalid") from None
+        raise InputError("id", f"{job_id!r} is not a job id", code=ErrorCode.INPUT_JOB_ID_INVALID) from None
 
 
 class Client:
@@ -61,7 +55,7 @@ class Client:
         self.celery = celery or create_app(self.settings)
         self.sessions: sessionmaker[Session] = session_factory(self.settings)
         self._lock = threading.Lock()
-        self._models: tuple[float, dict[str, store.ResolvedModel]] = (0.0, {})
+        self._models: tuple[float, dict[str, store.ResolvedModel | None]] = (0.0, {})
         self._tokenizers: dict[str, Any] = {}
 
     # --- submitting ----------------------------------------------------------------------
@@ -176,13 +170,20 @@ class Client:
             return repo.list_jobs(session, status=status, model=model, limit=limit)
 
     # --- model knowledge for validation ---------------------------------------------------
-    def _resolved_models(self) -> dict[str, store.ResolvedModel]:
+    def _resolved_models(self) -> dict[str, store.ResolvedModel | None]:
+        """Every registered model and the version served in this environment (None where none
+        can be: a corrupt version is still a known model, its jobs wait for a good one)."""
         with self._lock:
             loaded_at, models = self._models
             if time.monotonic() - loaded_at < _MODEL_CACHE_SECONDS and models:
                 return models
+            models = {}
             with self.sessions() as session:
-                models = {name: store.resolve(session, name) for name in store.known_models(session)}
+                for name in store.known_models(session):
+                    try:
+                        models[name] = store.resolve(session, name, self.settings.environment)
+                    except TextNLPError:
+                        models[name] = None
             self._models = (time.monotonic(), models)
             return models
 

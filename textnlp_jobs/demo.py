@@ -1,14 +1,20 @@
-"""``textnlp-jobs demo``: the whole system on one machine, from nothing, in one command."""
+"""``textnlp-jobs demo``: the whole system on one machine, from nothing, in one command.
+
+Messages go to ``messages`` (stderr in the CLI), the results table to ``out`` (stdout). The
+processes it starts write to log files under the home, so the terminal shows only what a
+newcomer needs: what the model is, what is starting, the results.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from textnlp_jobs import launcher
+from textnlp_jobs.db.models import JobStatus
 from textnlp_jobs.display import progress_bar
 from textnlp_jobs.settings import Settings
 
@@ -23,49 +29,72 @@ DEMO_PROMPTS = [
     "If the timeout is",
 ]
 
-
-def _wait_for_worker(settings: Settings, hostname: str, timeout: float) -> bool:
-    from textnlp_jobs.celery_app import create_app
-
-    celery = create_app(settings)
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        if celery.control.ping(destination=[hostname], timeout=1.0):
-            return True
-    return False
+ABOUT_THE_MODEL = (
+    "The demo model is a 1M-parameter GPT-2 (2 layers, 128 wide) that this machine trained for a minute on "
+    "Python's own docstrings: its continuations are docstring-flavoured word salad, by design. For real text, "
+    "register a model directory of your own (`textnlp-jobs models register NAME PATH`) and submit with --model NAME."
+)
 
 
-def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: float, console: Console) -> None:
-    from textnlp_jobs.cli.base import ensure_ledger
-    from textnlp_jobs.cli.models import bootstrap_model
-    from textnlp_jobs.cli.services import stop_processes
-    from textnlp_jobs.client import Client
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _ensure_demo_model(settings: Settings, messages: Console) -> None:
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.inference import store
-    from workers.device import worker_hostname
+    from textnlp_jobs.inference.bootstrap import RECIPES, bootstrap_model
+
+    with session_factory(settings)() as session:
+        if "demo" in store.known_models(session):
+            return
+    recipe = RECIPES["demo"]
+    messages.print(f"building the demo model: {recipe.build_note}", markup=False, highlight=False)
+    bar = progress_bar(messages)
+    bar.disable = not messages.is_terminal
+    started = time.monotonic()
+    with bar:
+        task = bar.add_task("training the demo model (steps)", total=recipe.train_steps)
+        built = bootstrap_model(settings, "demo", progress=lambda done, _total: bar.update(task, completed=done))
+    how = "copied from the build cache" if built.from_cache else f"built in {time.monotonic() - started:.0f}s"
+    messages.print(f"demo model {how}: version {built.version}", markup=False, highlight=False)
+
+
+def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: float, out: Console,
+             messages: Console) -> None:
+    from textnlp_jobs.client import Client
+    from textnlp_jobs.worker_main import worker_hostname
 
     mode = "embedded (SQLite + folder broker)" if settings.embedded else "Redis + PostgreSQL"
-    console.print(f"[bold]textnlp-jobs demo[/bold] — {mode}, home {settings.home}")
-    ensure_ledger(settings)
-    with session_factory(settings)() as session:
-        have_demo = "demo" in store.known_models(session)
-    if not have_demo:
-        version, _ = bootstrap_model(settings, "demo")
-        console.print(f"built the demo model (version {version})")
+    messages.print(f"[bold]textnlp-jobs demo[/bold] — {mode}, home {settings.home}", highlight=False)
+    messages.print(ABOUT_THE_MODEL, markup=False, highlight=False)
+    launcher.ensure_ledger(settings)
+    _ensure_demo_model(settings, messages)
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    worker_log = logs / "demo-device-worker.log"
     started = [
-        subprocess.Popen([sys.executable, "-m", "workers.device", "--device", "cpu.0", "--models", "demo",
-                          "--loglevel", "WARNING"]),
-        subprocess.Popen([sys.executable, "-m", "workers.maintenance", "--loglevel", "WARNING"]),
-        subprocess.Popen([sys.executable, "-m", "celery", "-A", "textnlp_jobs.celery_app:app", "beat",
-                          "--loglevel=WARNING", f"--schedule={settings.home / 'beat-schedule'}"]),
+        launcher.start_process(launcher.device_worker_command("cpu.0", models=["demo"], loglevel="WARNING"),
+                               log_path=worker_log),
+        launcher.start_process(launcher.maintenance_worker_command(loglevel="WARNING"),
+                               log_path=logs / "demo-maintenance-worker.log"),
+        launcher.start_process(launcher.beat_command(settings, loglevel="WARNING"), log_path=logs / "demo-beat.log"),
     ]
     try:
-        console.print("started a device worker (cpu.0), the maintenance worker and beat")
-        if not _wait_for_worker(settings, worker_hostname(settings, "cpu.0"), timeout=120):
-            console.print("[yellow]the device worker did not answer a ping yet; submitting anyway[/yellow]")
+        messages.print(f"started a device worker (cpu.0), the maintenance worker and beat; their logs: {logs}",
+                       markup=False, highlight=False)
+        if not launcher.wait_for_worker(settings, worker_hostname(settings, "cpu.0"), timeout=120,
+                                        alive=lambda: started[0].poll() is None):
+            messages.print("the device worker did not answer yet; its log ends with:\n" + _tail(worker_log),
+                           markup=False, highlight=False)
         client = Client(settings)
         prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(jobs)]
-        with progress_bar(console) as bar:
+        bar = progress_bar(messages)
+        bar.disable = not messages.is_terminal
+        with bar:
             task = bar.add_task("submitted", total=jobs)
             # Seeded sampling: a 1M-parameter model reads better sampled than greedy, and the
             # seed makes every run of the demo print the same text.
@@ -78,9 +107,10 @@ def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: flo
         for prompt, job in zip(prompts, done, strict=True):
             table.add_row(prompt, (job.text or job.error_code or "").strip(), str(job.tokens_generated or ""),
                           str(job.batch_size or ""), job.status)
-        console.print(table)
-        ok = sum(j.status == "succeeded" for j in done)
-        console.print(f"{ok}/{len(done)} succeeded")
+        out.print(table)
+        ok = sum(j.status == JobStatus.SUCCEEDED for j in done)
+        messages.print(f"{ok}/{len(done)} jobs succeeded, in batches of up to "
+                       f"{max((j.batch_size or 0) for j in done)} on one device", markup=False, highlight=False)
     finally:
-        stop_processes(started)
-        console.print("stopped everything the demo started")
+        launcher.stop_processes(started)
+        messages.print("stopped everything the demo started", markup=False, highlight=False)

@@ -1,13 +1,95 @@
-"""Every error the system raises on purpose. Each has a stable ``code`` stored on the job row."""
+"""Every error the system raises on purpose, and every error code it stores or prints.
+
+Each code is a member of ``ErrorCode``: stored on the job row (``error_code``), used as a metric
+label, and printed by the CLI as ``error <code>: <message>``. A code that is not here does not
+exist; scripts may rely on the ones that are.
+"""
 
 from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    """The stable codes of every expected error."""
+
+    ERROR = "textnlp.error"
+    UNEXPECTED = "textnlp.unexpected"
+
+    # Input: refused before anything is written.
+    INPUT_INVALID = "input.invalid"
+    INPUT_UNKNOWN_MODEL = "input.unknown_model"
+    INPUT_UNKNOWN_PARAMETER = "input.unknown_parameter"
+    INPUT_PROMPT_INVALID = "input.prompt_invalid"
+    INPUT_PROMPT_INVALID_UTF8 = "input.prompt_invalid_utf8"
+    INPUT_PROMPT_EMPTY = "input.prompt_empty"
+    INPUT_PROMPT_TOO_LONG = "input.prompt_too_long"
+    INPUT_PROMPT_TOO_MANY_TOKENS = "input.prompt_too_many_tokens"
+    INPUT_IDEMPOTENCY_KEY_INVALID = "input.idempotency_key_invalid"
+    INPUT_DEADLINE_INVALID = "input.deadline_invalid"
+    INPUT_DEADLINE_PAST = "input.deadline_past"
+    INPUT_DEVICE_INVALID = "input.device_invalid"
+    INPUT_JOB_ID_INVALID = "input.job_id_invalid"
+    INPUT_MODEL_NOT_ON_DEVICE = "input.model_not_on_device"
+    INPUT_MAX_NEW_TOKENS_INVALID = "input.max_new_tokens_invalid"
+    INPUT_MAX_NEW_TOKENS_OUT_OF_RANGE = "input.max_new_tokens_out_of_range"
+    INPUT_TEMPERATURE_INVALID = "input.temperature_invalid"
+    INPUT_TEMPERATURE_OUT_OF_RANGE = "input.temperature_out_of_range"
+    INPUT_TOP_P_INVALID = "input.top_p_invalid"
+    INPUT_TOP_P_OUT_OF_RANGE = "input.top_p_out_of_range"
+    INPUT_TOP_K_INVALID = "input.top_k_invalid"
+    INPUT_TOP_K_OUT_OF_RANGE = "input.top_k_out_of_range"
+    INPUT_SEED_INVALID = "input.seed_invalid"
+    INPUT_SEED_OUT_OF_RANGE = "input.seed_out_of_range"
+    INPUT_PRIORITY_INVALID = "input.priority_invalid"
+    INPUT_PRIORITY_OUT_OF_RANGE = "input.priority_out_of_range"
+    INPUT_MAX_ATTEMPTS_INVALID = "input.max_attempts_invalid"
+    INPUT_MAX_ATTEMPTS_OUT_OF_RANGE = "input.max_attempts_out_of_range"
+
+    # Jobs: what happened to a job, and what a producer asked of one.
+    JOBS_NOT_FOUND = "jobs.not_found"
+    JOBS_WAIT_TIMEOUT = "jobs.wait_timeout"
+    JOBS_ALREADY_FINISHED = "jobs.already_finished"
+    JOB_CANCELLED = "job.cancelled"
+    JOB_EXPIRED = "job.expired"
+    JOB_MAX_ATTEMPTS = "job.max_attempts"
+
+    # Configuration and the command line.
+    CONFIG_INVALID = "config.invalid"
+    CONFIG_DEVICE_INVALID = "config.device_invalid"
+    CONFIG_DEVICE_UNAVAILABLE = "config.device_unavailable"
+    CLI_USAGE = "cli.usage"
+
+    # Services the system needs.
+    LEDGER_UNREACHABLE = "ledger.unreachable"
+    LEDGER_NOT_MIGRATED = "ledger.not_migrated"
+    BROKER_UNREACHABLE = "broker.unreachable"
+
+    # Models.
+    MODELS_UNAVAILABLE = "models.unavailable"
+    MODELS_UNKNOWN_RECIPE = "models.unknown_recipe"
+    MODELS_NOT_FOUND = "models.not_found"
+    MODELS_INVALID = "models.invalid"
+    MODELS_CORRUPT = "models.corrupt"
+    MODELS_IN_USE = "models.in_use"
+    MODELS_NO_PREVIOUS_VERSION = "models.no_previous_version"
+    MODELS_VALIDATION_FAILED = "models.validation_failed"
+
+    # Inference on a device.
+    INFERENCE_FAILED = "inference.failed"
+    INFERENCE_OOM = "inference.oom"
+    INFERENCE_TOKENIZATION = "inference.tokenization"
+    INFERENCE_DROPPED = "inference.dropped"
+    INFERENCE_SHUTDOWN = "inference.shutdown"
+    INFERENCE_TIMEOUT = "inference.timeout"
 
 
 class TextNLPError(Exception):
     """Root of every textnlp-jobs error."""
 
-    code = "textnlp.error"
+    code: str = ErrorCode.ERROR
     retryable = False
+    exit_status = 2  # what the CLI exits with after printing the error
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -22,7 +104,7 @@ class TextNLPError(Exception):
 class InputError(TextNLPError):
     """A job's input breaks a rule; nothing was written."""
 
-    code = "input.invalid"
+    code = ErrorCode.INPUT_INVALID
 
     def __init__(self, field: str, message: str, *, code: str) -> None:
         super().__init__(f"{field}: {message}", code=code)
@@ -34,84 +116,121 @@ class UnknownModelError(InputError):
 
     def __init__(self, model: str, known: list[str]) -> None:
         listing = ", ".join(sorted(known)) or "none registered"
-        super().__init__("model", f"unknown model {model!r} (known: {listing})", code="input.unknown_model")
+        super().__init__("model", f"unknown model {model!r} (known: {listing})", code=ErrorCode.INPUT_UNKNOWN_MODEL)
 
 
 class JobNotFoundError(TextNLPError):
     """No job has that id."""
 
-    code = "jobs.not_found"
+    code = ErrorCode.JOBS_NOT_FOUND
+
+
+class JobWaitTimeout(TextNLPError):
+    """``wait`` ran out of time before every job finished."""
+
+    code = ErrorCode.JOBS_WAIT_TIMEOUT
+
+
+class JobAlreadyFinishedError(TextNLPError):
+    """A job asked to change (cancel) had already reached a final status."""
+
+    code = ErrorCode.JOBS_ALREADY_FINISHED
+    exit_status = 3  # not a failure of the command line: the job was simply done already
 
 
 class ConfigurationError(TextNLPError):
     """Settings that cannot work together; the process refuses to start."""
 
-    code = "config.invalid"
+    code = ErrorCode.CONFIG_INVALID
+
+
+class UsageError(TextNLPError):
+    """The command line asks for something that cannot be done (bad option value, missing argument)."""
+
+    code = ErrorCode.CLI_USAGE
+
+
+class ServiceUnavailableError(TextNLPError):
+    """A service the system needs (the ledger, the broker) does not answer."""
+
+    code = ErrorCode.LEDGER_UNREACHABLE
+
+
+class LedgerNotMigratedError(TextNLPError):
+    """The ledger's schema is missing or older than this code; run ``textnlp-jobs db upgrade``."""
+
+    code = ErrorCode.LEDGER_NOT_MIGRATED
 
 
 class ModelStoreError(TextNLPError):
     """A model directory is missing or unreadable."""
 
-    code = "models.unavailable"
+    code = ErrorCode.MODELS_UNAVAILABLE
 
 
 class InferenceError(TextNLPError):
     """Generation failed for a job."""
 
-    code = "inference.failed"
+    code = ErrorCode.INFERENCE_FAILED
 
 
 class OutOfMemoryError(InferenceError):
     """The device ran out of memory even for a batch of one."""
 
-    code = "inference.oom"
+    code = ErrorCode.INFERENCE_OOM
 
 
 class TokenizationError(InferenceError):
     """The prompt could not be tokenized."""
 
-    code = "inference.tokenization"
+    code = ErrorCode.INFERENCE_TOKENIZATION
 
 
 class JobDroppedError(InferenceError):
     """The job was cancelled or passed its deadline while waiting for a batch."""
 
-    code = "inference.dropped"
+    code = ErrorCode.INFERENCE_DROPPED
 
 
 class WorkerShuttingDownError(InferenceError):
     """The device loop stopped before the job ran; it will be delivered again."""
 
-    code = "inference.shutdown"
+    code = ErrorCode.INFERENCE_SHUTDOWN
     retryable = True
 
 
 class ModelNotFoundError(TextNLPError):
     """No registered model or version has that name."""
 
-    code = "models.not_found"
+    code = ErrorCode.MODELS_NOT_FOUND
 
 
 class ModelRegistrationError(ModelStoreError):
     """A directory cannot be registered: a file is missing, the architecture is unknown, or the
     tokenizer does not fit the model. Nothing was registered."""
 
-    code = "models.invalid"
+    code = ErrorCode.MODELS_INVALID
 
 
 class ModelCorruptError(ModelStoreError):
     """The version's files no longer match their checksums; it is never served."""
 
-    code = "models.corrupt"
+    code = ErrorCode.MODELS_CORRUPT
 
 
 class ModelInUseError(TextNLPError):
     """The version is promoted, pinned or loaded, so it cannot be removed."""
 
-    code = "models.in_use"
+    code = ErrorCode.MODELS_IN_USE
 
 
 class NoPreviousVersionError(TextNLPError):
     """A rollback found no earlier promotion to go back to."""
 
-    code = "models.no_previous_version"
+    code = ErrorCode.MODELS_NO_PREVIOUS_VERSION
+
+
+class ModelValidationFailed(TextNLPError):
+    """models.validate found versions whose files changed or went missing (now marked corrupt)."""
+
+    code = ErrorCode.MODELS_VALIDATION_FAILED

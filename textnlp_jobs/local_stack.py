@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from textnlp_jobs import launcher
 from textnlp_jobs.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,24 +98,18 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.starts += 1
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                        cwd=REPO_ROOT, start_new_session=True)
+        self.process = launcher.start_process(self.command, env=self.env, log_path=self.log_path, new_session=True,
+                                              cwd=REPO_ROOT)
         return self
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, no acks, no releases."""
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process:
+            launcher.kill_process(self.process)
 
     def stop(self, grace: float = 20.0) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.process:
+            launcher.stop_processes([self.process], grace)
 
     @property
     def alive(self) -> bool:
@@ -156,7 +148,7 @@ class LocalStack:
     def device_worker(self, device: str = "cpu.0", *, extra_env: Mapping[str, str] | None = None,
                       args: list[str] | None = None) -> WorkerProcess:
         worker = WorkerProcess(
-            [sys.executable, "-m", "workers.device", "--device", device, "--loglevel", "INFO", *(args or [])],
+            launcher.device_worker_command(device, extra=args or ()),
             self.process_env(extra_env), self.workdir / f"worker-{device}-{len(self.workers)}.log",
         )
         self.workers.append(worker)
@@ -164,18 +156,9 @@ class LocalStack:
 
     def wait_ready(self, worker_hostname: str, timeout: float = 120.0) -> None:
         """Until the worker answers a ping (its models are loaded before it consumes)."""
-        from textnlp_jobs.celery_app import create_app
-
-        celery = create_app(self.settings())
-        give_up = time.monotonic() + timeout
-        try:
-            while time.monotonic() < give_up:
-                if celery.control.ping(destination=[worker_hostname], timeout=0.5):
-                    return
-                if not any(w.alive for w in self.workers):
-                    break
-        finally:
-            celery.close()
+        if launcher.wait_for_worker(self.settings(), worker_hostname, timeout,
+                                    alive=lambda: any(w.alive for w in self.workers)):
+            return
         tails = "\n---\n".join(w.log_tail() for w in self.workers)
         raise TimeoutError(f"worker {worker_hostname} not ready after {timeout:.0f}s\n{tails}")
 

@@ -8,6 +8,7 @@ first command needs no server. Production points ``TEXTNLP_DATABASE_URL`` at Pos
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +38,9 @@ class Settings(BaseSettings):
     # Celery's own result backend is off by default: the ledger holds every result.
     result_backend: SecretStr | None = None
     model_store: Path | None = None
+    # Where built demo/tiny models are kept across homes (keyed by recipe); "off" disables it.
+    # Default: $XDG_CACHE_HOME/textnlp-jobs/models (~/.cache/textnlp-jobs/models).
+    model_cache: str | None = None
     node_name: str = Field(default_factory=socket.gethostname)
 
     # Which models each device serves, e.g. {"cuda.0": ["demo"], "*": ["demo"]}; "*" is the default.
@@ -103,13 +107,21 @@ class Settings(BaseSettings):
     def broker_url_value(self) -> str:
         if self.broker_url is not None:
             return self.broker_url.get_secret_value()
-        return "filesystem://"
+        # kombu warns "No hostname was supplied" for a bare filesystem:// (the host is unused).
+        return "filesystem://localhost/"
 
     def broker_folder(self) -> Path:
         return self.home / "broker"
 
     def model_store_dir(self) -> Path:
         return self.model_store if self.model_store is not None else self.home / "models"
+
+    def model_cache_dir(self) -> Path | None:
+        if self.model_cache is not None:
+            return None if self.model_cache.strip().lower() in ("", "off", "none", "false", "0") else Path(
+                self.model_cache).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "textnlp-jobs" / "models"
 
     def models_for_device(self, device: str) -> list[str]:
         return list(self.placement.get(device) or self.placement.get("*") or [])

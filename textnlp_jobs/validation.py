@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from textnlp_jobs.db.repository import NewJob
-from textnlp_jobs.errors import InputError, UnknownModelError
+from textnlp_jobs.errors import ErrorCode, InputError, UnknownModelError
 from textnlp_jobs.settings import Settings
 
 _DEVICE = re.compile(r"^(?:[A-Za-z0-9_.-]+/)?(?:cuda|cpu)[.:]\d{1,3}$")
@@ -22,12 +22,12 @@ TokenCounter = Callable[[str, str], int | None]  # (model, prompt) -> tokens, No
 def _number(field: str, value: Any, kind: type, low: float, high: float, *, low_open: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise InputError(field, f"must be {'a number' if kind is float else 'an integer'}, got {value!r}",
-                         code=f"input.{field}_invalid")
+                         code=ErrorCode(f"input.{field}_invalid"))
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         bracket = "(" if low_open else "["
         raise InputError(field, f"{value} is outside the allowed range {bracket}{low}, {high}]",
-                         code=f"input.{field}_out_of_range")
+                         code=ErrorCode(f"input.{field}_out_of_range"))
     return kind(value)
 
 
@@ -37,21 +37,21 @@ def _prompt_text(prompt: Any, settings: Settings) -> str:
             prompt = bytes(prompt).decode("utf-8")
         except UnicodeDecodeError as error:
             raise InputError("prompt", f"is not valid UTF-8 (bad byte at offset {error.start})",
-                             code="input.prompt_invalid_utf8") from None
+                             code=ErrorCode.INPUT_PROMPT_INVALID_UTF8) from None
     if not isinstance(prompt, str):
-        raise InputError("prompt", f"must be text, got {type(prompt).__name__}", code="input.prompt_invalid")
+        raise InputError("prompt", f"must be text, got {type(prompt).__name__}", code=ErrorCode.INPUT_PROMPT_INVALID)
     try:
         size = len(prompt.encode("utf-8"))
     except UnicodeEncodeError as error:  # lone surrogates from a bad decode upstream
         raise InputError("prompt", f"is not valid UTF-8 (unpaired surrogate at character {error.start})",
-                         code="input.prompt_invalid_utf8") from None
+                         code=ErrorCode.INPUT_PROMPT_INVALID_UTF8) from None
     if not prompt.strip():
-        raise InputError("prompt", "is empty", code="input.prompt_empty")
+        raise InputError("prompt", "is empty", code=ErrorCode.INPUT_PROMPT_EMPTY)
     if "\x00" in prompt:
-        raise InputError("prompt", "contains a NUL character", code="input.prompt_invalid")
+        raise InputError("prompt", "contains a NUL character", code=ErrorCode.INPUT_PROMPT_INVALID)
     if size > settings.max_prompt_bytes:
         raise InputError("prompt", f"is {size} bytes, over the limit of {settings.max_prompt_bytes} bytes",
-                         code="input.prompt_too_long")
+                         code=ErrorCode.INPUT_PROMPT_TOO_LONG)
     return prompt
 
 
@@ -63,7 +63,7 @@ def validate_job(
                "idempotency_key", "deadline", "device", "max_attempts"}
     unknown = set(spec) - allowed
     if unknown:
-        raise InputError(sorted(unknown)[0], "is not a job parameter", code="input.unknown_parameter")
+        raise InputError(sorted(unknown)[0], "is not a job parameter", code=ErrorCode.INPUT_UNKNOWN_PARAMETER)
     prompt = _prompt_text(spec.get("prompt"), settings)
     model = spec.get("model")
     if not isinstance(model, str) or model not in known_models:
@@ -71,7 +71,7 @@ def validate_job(
     prompt_tokens = count_tokens(model, prompt)
     if prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
         raise InputError("prompt", f"is {prompt_tokens} tokens, over the limit of {settings.max_prompt_tokens} tokens",
-                         code="input.prompt_too_many_tokens")
+                         code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
 
     max_new_tokens = _number("max_new_tokens", spec.get("max_new_tokens", settings.default_max_new_tokens),
                              int, 1, settings.max_new_tokens_limit)
@@ -88,17 +88,18 @@ def validate_job(
 
     key = spec.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 255):
-        raise InputError("idempotency_key", "must be text of 1 to 255 characters", code="input.idempotency_key_invalid")
+        raise InputError("idempotency_key", "must be text of 1 to 255 characters",
+                         code=ErrorCode.INPUT_IDEMPOTENCY_KEY_INVALID)
     deadline = spec.get("deadline")
     if deadline is not None:
         if not isinstance(deadline, datetime) or deadline.tzinfo is None:
-            raise InputError("deadline", "must be a timezone-aware datetime", code="input.deadline_invalid")
+            raise InputError("deadline", "must be a timezone-aware datetime", code=ErrorCode.INPUT_DEADLINE_INVALID)
         if deadline <= datetime.now(UTC):
-            raise InputError("deadline", f"{deadline.isoformat()} is already past", code="input.deadline_past")
+            raise InputError("deadline", f"{deadline.isoformat()} is already past", code=ErrorCode.INPUT_DEADLINE_PAST)
     device = spec.get("device")
     if device is not None and (not isinstance(device, str) or not _DEVICE.match(device)):
         raise InputError("device", f"{device!r} is not a device like 'cuda.0', 'cpu.1' or 'node/cuda.0'",
-                         code="input.device_invalid")
+                         code=ErrorCode.INPUT_DEVICE_INVALID)
 
     params = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
     return NewJob(prompt=prompt, model=model, max_new_tokens=max_new_tokens, params=params, priority=priority,

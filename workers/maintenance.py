@@ -1,36 +1,14 @@
-"""The maintenance worker: consumes ``textnlp.maintenance``, where beat sends every scheduled task.
+"""The maintenance worker (the code is ``textnlp_jobs.worker_main``).
 
     python -m workers.maintenance
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-from collections.abc import Sequence
+from textnlp_jobs.worker_main import maintenance_main as main
+from textnlp_jobs.worker_main import run_maintenance_worker as run
 
-from textnlp_jobs.constants import MAINTENANCE_QUEUE
-from textnlp_jobs.settings import get_settings
-
-
-def run(*, loglevel: str = "INFO", concurrency: int = 2) -> None:
-    from textnlp_jobs.celery_app import app
-
-    settings = get_settings()
-    app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={concurrency}", f"--queues={MAINTENANCE_QUEUE}",
-        f"--hostname=maintenance@{settings.node_name}", f"--loglevel={loglevel}",
-        "--without-gossip", "--without-mingle",
-    ])
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--loglevel", default=os.environ.get("TEXTNLP_LOGLEVEL", "INFO"))
-    parser.add_argument("--concurrency", type=int, default=2)
-    args = parser.parse_args(argv)
-    run(loglevel=args.loglevel, concurrency=args.concurrency)
-
+__all__ = ["main", "run"]
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from textnlp_jobs.cli.base import console, db_app
+from textnlp_jobs.cli.base import db_app, say
 from textnlp_jobs.settings import get_settings
 
 
@@ -16,7 +16,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     from textnlp_jobs.db.migrate import upgrade
 
     upgrade(get_settings().database_url_value(), revision)
-    console.print(f"ledger at {revision}")
+    say(f"ledger at {revision}")
 
 
 @db_app.command("downgrade")
@@ -25,4 +25,4 @@ def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
     from textnlp_jobs.db.migrate import downgrade
 
     downgrade(get_settings().database_url_value(), revision)
-    console.print(f"ledger at {revision}")
+    say(f"ledger at {revision}")

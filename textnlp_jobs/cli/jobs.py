@@ -1,15 +1,69 @@
-"""Producer commands: submit, status, wait, cancel and job listings."""
+"""Producer commands: submit, status, wait, cancel and job listings.
+
+Ids and results go to stdout (one id per line, or one JSON document with ``--json``), progress
+and messages to stderr, so ``ID=$(textnlp-jobs submit "...")`` captures just the id.
+"""
 
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
 
-from textnlp_jobs.cli.base import app, console, ensure_ledger, jobs_app
-from textnlp_jobs.display import job_table, progress_bar
+from textnlp_jobs.cli.base import JsonOption, app, console, emit, emit_json, ensure_ledger, jobs_app, progress, say
+from textnlp_jobs.db.models import JobStatus
+from textnlp_jobs.db.repository import Job
+from textnlp_jobs.display import job_detail, job_table, wait_summary
+from textnlp_jobs.errors import JobAlreadyFinishedError, UsageError
 from textnlp_jobs.settings import get_settings
+
+# Up to this many jobs `wait` prints a table; past it, a summary.
+WAIT_TABLE_LIMIT = 20
+
+
+def parse_deadline(value: str | None, *, now: datetime | None = None) -> datetime | None:
+    """``--deadline``: seconds from now (``90``, ``2.5``) or an ISO 8601 timestamp; a timestamp
+    without a zone is taken as UTC."""
+    if value is None:
+        return None
+    now = now or datetime.now(UTC)
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        if not seconds > 0 or seconds == float("inf"):
+            raise UsageError(f"--deadline: {value} seconds is not a positive, finite number")
+        return now + timedelta(seconds=seconds)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--deadline: {value!r} is neither seconds from now nor an ISO 8601 timestamp") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _client() -> Any:
+    from textnlp_jobs.client import Client
+
+    return Client()
+
+
+def _exit_unless_all_succeeded(jobs: list[Job]) -> None:
+    if any(j.status != JobStatus.SUCCEEDED for j in jobs):
+        raise typer.Exit(1)
+
+
+def _show_finished(jobs: list[Job], *, as_json: bool) -> None:
+    if as_json:
+        emit_json(jobs)
+    elif len(jobs) == 1 and jobs[0].status == JobStatus.SUCCEEDED:
+        console.print(jobs[0].text, markup=False, highlight=False)
+    elif len(jobs) <= WAIT_TABLE_LIMIT:
+        console.print(job_table(jobs))
+    else:
+        console.print(wait_summary(jobs))
 
 
 @app.command()
@@ -18,85 +72,101 @@ def submit(
     model: Annotated[str, typer.Option(envvar="TEXTNLP_MODEL", help="Registered model name.")] = "demo",
     max_new_tokens: Annotated[int | None, typer.Option(help="New tokens to generate.")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option()] = 1.0,
-    seed: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this "
+                                              "much probability.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 is no limit.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling (the same seed draws the same text).")]
+    = None,
     priority: Annotated[int, typer.Option(help="0..9, 9 most urgent.")] = 0,
-    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    deadline: Annotated[str | None, typer.Option(
+        help="Drop the job if it has not run by then: seconds from now (90) or an ISO 8601 timestamp.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Submitting the same key again returns the same job.")]
+    = None,
     device: Annotated[str | None, typer.Option(help="Pin to one device, e.g. cpu.0 or node/cuda.1.")] = None,
-    count: Annotated[int, typer.Option(help="Submit the prompt this many times.")] = 1,
+    count: Annotated[int, typer.Option(min=1, max=1_000_000, help="Submit the prompt this many times.")] = 1,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result(s).")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 300.0,
+    timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait with --wait.")] = 300.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Queue a generation job (or --count of them) and print the id(s), or the results with --wait."""
-    from textnlp_jobs.client import Client
-
     settings = get_settings()
     ensure_ledger(settings)
     text = sys.stdin.read() if prompt == "-" else prompt
+    from textnlp_jobs.client import Client
+
     client = Client(settings)
     spec: dict[str, Any] = {"prompt": text, "model": model, "temperature": temperature, "top_p": top_p,
-                            "seed": seed, "priority": priority, "device": device}
+                            "top_k": top_k, "seed": seed, "priority": priority, "device": device,
+                            "deadline": parse_deadline(deadline)}
     if max_new_tokens is not None:
         spec["max_new_tokens"] = max_new_tokens
     specs = [dict(spec, idempotency_key=f"{idempotency_key}:{i}" if idempotency_key and count > 1
                   else idempotency_key) for i in range(count)]
-    with progress_bar(console) as bar:
+    with progress() as bar:
         task = bar.add_task("submitting", total=len(specs))
         jobs = client.submit_many(specs, progress=lambda n: bar.advance(task, n))
     if not wait:
-        for job in jobs:
-            console.print(str(job.id))
+        if as_json:
+            emit_json(jobs)
+        else:
+            sys.stdout.write("".join(f"{job.id}\n" for job in jobs))
         return
-    with progress_bar(console) as bar:
+    with progress() as bar:
         task = bar.add_task("waiting", total=len(jobs))
         done = client.wait([j.id for j in jobs], timeout, progress=lambda n: bar.advance(task, n))
-    if len(done) == 1 and done[0].status == "succeeded":
-        console.print(done[0].text, markup=False, highlight=False)
-    else:
-        console.print(job_table(done))
-    if any(j.status != "succeeded" for j in done):
-        raise typer.Exit(1)
+    _show_finished(done, as_json=as_json)
+    _exit_unless_all_succeeded(done)
 
 
 @app.command()
-def status(job_id: str) -> None:
-    """Show one job."""
-    from textnlp_jobs.client import Client
-
-    job = Client().get(job_id)
-    console.print(job_table([job], text_width=200))
+def status(job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: JsonOption = False) -> None:
+    """Show one job: status, model version, worker, attempts, times, error and text."""
+    job = _client().get(job_id)
+    emit(job, as_json=as_json, render=job_detail(job))
 
 
 @app.command("wait")
-def wait_command(job_ids: list[str], timeout: Annotated[float, typer.Option()] = 300.0) -> None:
-    """Wait until the jobs finish; exit 1 unless all succeeded."""
-    from textnlp_jobs.client import Client
-
-    with progress_bar(console) as bar:
+def wait_command(
+    job_ids: Annotated[list[str], typer.Argument(help="One or more job ids.")],
+    timeout: Annotated[float, typer.Option(min=0, help="Give up after this many seconds (exit 2).")] = 300.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Wait until the jobs finish; exit 1 unless all succeeded. Many jobs get a summary, not a table."""
+    with progress() as bar:
         task = bar.add_task("waiting", total=len(job_ids))
-        jobs = Client().wait(job_ids, timeout, progress=lambda n: bar.advance(task, n))
-    console.print(job_table(jobs))
-    if any(j.status != "succeeded" for j in jobs):
-        raise typer.Exit(1)
+        jobs = _client().wait(job_ids, timeout, progress=lambda n: bar.advance(task, n))
+    if not as_json and len(jobs) == 1:
+        console.print(job_table(jobs))
+    else:
+        _show_finished(jobs, as_json=as_json)
+    _exit_unless_all_succeeded(jobs)
 
 
 @app.command()
-def cancel(job_id: str) -> None:
-    """Cancel a job that has not finished."""
-    from textnlp_jobs.client import Client
-
-    job = Client().cancel(job_id)
-    console.print(f"{job.id} {job.status}")
+def cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: JsonOption = False) -> None:
+    """Cancel a job that has not finished. A job that had already finished is left as it was:
+    the command says so and exits 3."""
+    client = _client()
+    before = client.get(job_id)
+    job = client.cancel(job_id)
+    if before.done or job.status != JobStatus.CANCELLED:
+        raise JobAlreadyFinishedError(f"job {job.id} had already finished ({job.status}); nothing to cancel")
+    if as_json:
+        emit_json(job)
+    else:
+        console.print(f"{job.id} {job.status}", markup=False, highlight=False)
 
 
 @jobs_app.command("list")
 def jobs_list(
-    status_filter: Annotated[str | None, typer.Option("--status")] = None,
-    model: Annotated[str | None, typer.Option()] = None,
-    limit: Annotated[int, typer.Option()] = 20,
+    status_filter: Annotated[JobStatus | None, typer.Option("--status", case_sensitive=False,
+                                                            help="Only jobs with this status.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only jobs of this model.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="How many of the newest jobs.")] = 20,
+    as_json: JsonOption = False,
 ) -> None:
     """The newest jobs, optionally by status or model."""
-    from textnlp_jobs.client import Client
-
-    console.print(job_table(Client().list(status=status_filter, model=model, limit=limit)))
-
+    jobs = _client().list(status=status_filter.value if status_filter else None, model=model, limit=limit)
+    if not jobs and not as_json:
+        say("no jobs match")
+    emit(jobs, as_json=as_json, render=job_table(jobs))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,40 +9,24 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from textnlp_jobs.cli.base import console, ensure_ledger, models_app
-from textnlp_jobs.display import progress_bar
-from textnlp_jobs.errors import TextNLPError
+from textnlp_jobs.cli.base import JsonOption, console, emit, emit_json, ensure_ledger, models_app, progress, say
 from textnlp_jobs.settings import Settings, get_settings
-
-
-def bootstrap_model(settings: Settings, name: str) -> tuple[str, Path]:
-    """Build model ``name`` into the store and register it; returns (version, path)."""
-    from textnlp_jobs.db.session import session_factory
-    from textnlp_jobs.inference import store
-    from textnlp_jobs.inference.bootstrap import RECIPES, build_model
-
-    if name not in RECIPES:
-        raise TextNLPError(f"no recipe for model {name!r} (known: {', '.join(RECIPES)})", code="models.unknown_recipe")
-    with progress_bar(console) as bar:
-        task = bar.add_task(f"building {name}", total=RECIPES[name].train_steps or 1)
-
-        def build(target: Path) -> None:
-            build_model(name, target, progress=lambda done, total: bar.update(task, completed=done))
-
-        path = store.build_into_store(settings.model_store_dir(), name, build)
-        bar.update(task, completed=RECIPES[name].train_steps or 1)
-    with session_factory(settings).begin() as session:
-        version = store.register_version(session, name, path, description=RECIPES[name].description)
-        return version.version, path
 
 
 @models_app.command("bootstrap")
 def models_bootstrap(name: Annotated[str, typer.Argument(help="demo, small or tiny")] = "demo") -> None:
     """Build one of the project's own models locally (no download) and register it."""
+    from textnlp_jobs.inference.bootstrap import RECIPES, bootstrap_model
+
     settings = get_settings()
     ensure_ledger(settings)
-    version, path = bootstrap_model(settings, name)
-    console.print(f"registered {name} version {version} at {path}")
+    if name in RECIPES and RECIPES[name].build_note:
+        say(f"building {name}: {RECIPES[name].build_note}")
+    with progress() as bar:
+        task = bar.add_task(f"building {name}", total=RECIPES[name].train_steps or 1 if name in RECIPES else 1)
+        built = bootstrap_model(settings, name, progress=lambda done, _total: bar.update(task, completed=done))
+    say(f"registered {name} version {built.version} at {built.path}" + (" (from the build cache)"
+                                                                         if built.from_cache else ""))
 
 
 def _registry_session() -> tuple[Settings, Any]:
@@ -53,10 +35,6 @@ def _registry_session() -> tuple[Settings, Any]:
     settings = get_settings()
     ensure_ledger(settings)
     return settings, session_factory(settings)
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, default=str) + "\n")
 
 
 @models_app.command("register")
@@ -73,11 +51,12 @@ def models_register(
     settings, factory = _registry_session()
     done = registry.register_directory(settings, factory, path, name, description=description, in_place=in_place)
     state = "registered" if done.created else "already registered:"
-    console.print(f"{state} {done.name} version {done.version} at {done.path}", markup=False, highlight=False)
+    say(f"{state} {done.name} version {done.version} at {done.path}")
+    console.print(done.version, markup=False, highlight=False)  # stdout: the version id, for scripts
 
 
 @models_app.command("list")
-def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def models_list(as_json: JsonOption = False) -> None:
     """Registered models and their versions: promotions, pins, corrupt flags, last use."""
     from textnlp_jobs.db.models import Model
     from textnlp_jobs.inference import registry
@@ -90,7 +69,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
             for version in reversed(registry.versions_of(session, model)):
                 records.append(registry.describe(model, version, loads))
     if as_json:
-        _print_json(records)
+        emit_json(records)
         return
     table = Table("model", "version", "environments", "quant.", "pinned", "state", "size", "last used", "created")
     for r in records:
@@ -98,11 +77,11 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         table.add_row(r["model"], r["version"], ",".join(r["environments"]), r["quantization"] or "",
                       "yes" if r["keep_always"] else "", state, f"{r['size_bytes'] / 1e6:.1f} MB",
                       (r["last_used_at"] or "")[:19], r["created_at"][:19])
-    console.print(table)
+    emit(records, as_json=False, render=table)
 
 
 @models_app.command("show")
-def models_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def models_show(name: str, as_json: JsonOption = False) -> None:
     """One model: every version with its metadata, and its promotion history per environment."""
     from textnlp_jobs.db.models import ModelPromotion
     from textnlp_jobs.inference import registry
@@ -119,7 +98,7 @@ def models_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = Fa
         data = {"model": model.name, "description": model.description,
                 "quantize_eligible": model.quantize_eligible, "versions": versions, "promotions": history}
     if as_json:
-        _print_json(data)
+        emit_json(data)
         return
     console.print(f"{model.name}: {model.description or ''} (quantize eligible: "
                   f"{'yes' if data['quantize_eligible'] else 'no'})", markup=False, highlight=False)
@@ -166,11 +145,9 @@ def models_rollback(name: str, env: EnvOption = None) -> None:
 
 def _print_switch(switch: Any) -> None:
     if switch.changed:
-        console.print(f"{switch.name} in {switch.environment}: {switch.previous or '(none)'} -> {switch.current}",
-                      markup=False, highlight=False)
+        say(f"{switch.name} in {switch.environment}: {switch.previous or '(none)'} -> {switch.current}")
     else:
-        console.print(f"{switch.name} in {switch.environment}: already {switch.current}", markup=False,
-                      highlight=False)
+        say(f"{switch.name} in {switch.environment}: already {switch.current}")
 
 
 @models_app.command("pin")
@@ -191,7 +168,7 @@ def _set_pin(name: str, version: str, pinned: bool) -> None:
     _, factory = _registry_session()
     with factory.begin() as session:
         registry.set_pinned(session, name, version, pinned)
-    console.print(f"{name} {version}: {'pinned' if pinned else 'unpinned'}", markup=False, highlight=False)
+    say(f"{name} {version}: {'pinned' if pinned else 'unpinned'}")
 
 
 @models_app.command("eligible")
@@ -202,7 +179,7 @@ def models_eligible(name: str, off: Annotated[bool, typer.Option("--off")] = Fal
     _, factory = _registry_session()
     with factory.begin() as session:
         registry.set_quantize_eligible(session, name, not off)
-    console.print(f"{name}: quantize eligible {'no' if off else 'yes'}", markup=False, highlight=False)
+    say(f"{name}: quantize eligible {'no' if off else 'yes'}")
 
 
 @models_app.command("remove")
@@ -213,4 +190,4 @@ def models_remove(name: str, version: str) -> None:
 
     settings, factory = _registry_session()
     freed = registry.remove(settings, factory, name, version)
-    console.print(f"removed {name} {version}, freed {freed / 1e6:.1f} MB", markup=False, highlight=False)
+    say(f"removed {name} {version}, freed {freed / 1e6:.1f} MB")

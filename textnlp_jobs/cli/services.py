@@ -3,57 +3,23 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from textnlp_jobs.cli.base import app, console, ensure_ledger
+from textnlp_jobs import launcher
+from textnlp_jobs.cli.base import app, console, ensure_ledger, err_console, say
+from textnlp_jobs.errors import ConfigurationError, ErrorCode
 from textnlp_jobs.settings import get_settings
 
 
-def _visible_gpus() -> int:
-    """Count GPUs in a child process, so this one never initialises CUDA."""
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                           capture_output=True, text=True, check=False)
-    return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
+def _checked_device(device: str) -> str:
+    from textnlp_jobs.inference.device import DeviceId
 
-
-def device_worker_command(device: str, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "workers.device", "--device", device, *(extra or [])]
-
-
-def _supervise(commands: list[list[str]]) -> int:
-    """Run child processes until one exits or we are told to stop; stop the rest cleanly."""
-    children = [subprocess.Popen(cmd) for cmd in commands]
-
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while all(child.poll() is None for child in children):
-        time.sleep(0.5)
-    stop_processes(children)
-    return max(child.returncode or 0 for child in children)
-
-
-def stop_processes(children: list[subprocess.Popen[Any]], grace: float = 30.0) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    deadline = time.monotonic() + grace
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    try:
+        return str(DeviceId.parse(device))
+    except ValueError as error:
+        raise ConfigurationError(str(error), code=ErrorCode.CONFIG_DEVICE_INVALID) from None
 
 
 @app.command()
@@ -62,40 +28,39 @@ def worker(
     all_devices: Annotated[bool, typer.Option("--all-devices", help="One worker per visible GPU (or cpu.0).")] = False,
     maintenance: Annotated[bool, typer.Option("--maintenance", help="The maintenance worker instead.")] = False,
     models: Annotated[str | None, typer.Option(help="Comma-separated models; default: placement.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Task threads; default: 2 x max_batch.")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Task threads; default: 2 x max_batch.")] = None,
     loglevel: Annotated[str, typer.Option(envvar="TEXTNLP_LOGLEVEL")] = "INFO",
 ) -> None:
-    """Start a device worker (one Celery worker per GPU), all of them, or the maintenance worker."""
+    """Start a device worker (one Celery worker per GPU), all of them, or the maintenance worker.
+    Runs until stopped (SIGTERM finishes running jobs first)."""
+    from textnlp_jobs import worker_main
+
     settings = get_settings()
     ensure_ledger(settings)
-    extra = ["--loglevel", loglevel]
-    if models:
-        extra += ["--models", models]
-    if concurrency:
-        extra += ["--concurrency", str(concurrency)]
+    model_list = models.split(",") if models else None
     if maintenance:
-        from workers import maintenance as maintenance_worker
-
-        maintenance_worker.run(loglevel=loglevel)
+        worker_main.run_maintenance_worker(loglevel=loglevel)
         return
     if all_devices:
-        gpus = _visible_gpus()
-        devices = [f"cuda.{i}" for i in range(gpus)] or ["cpu.0"]
-        console.print(f"starting {len(devices)} device worker(s): {', '.join(devices)}")
-        raise typer.Exit(_supervise([device_worker_command(d, extra) for d in devices]))
-    from workers import device as device_worker
-
-    device_worker.main(["--device", device or "cpu.0", *extra])
+        devices = launcher.all_device_names()
+        say(f"starting {len(devices)} device worker(s): {', '.join(devices)}")
+        raise typer.Exit(launcher.supervise([
+            launcher.device_worker_command(d, models=model_list, loglevel=loglevel, concurrency=concurrency)
+            for d in devices]))
+    worker_main.run_device_worker(_checked_device(device or "cpu.0"), model_list, concurrency=concurrency,
+                                  loglevel=loglevel)
 
 
 @app.command()
 def beat(loglevel: Annotated[str, typer.Option(envvar="TEXTNLP_LOGLEVEL")] = "INFO") -> None:
-    """Run Celery beat, which sends the maintenance schedule (run exactly one)."""
+    """Run Celery beat, which sends the maintenance schedule (run exactly one). Runs until stopped."""
     from textnlp_jobs.celery_app import app as celery
+    from textnlp_jobs.worker_main import quiet_flags
 
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    celery.start(["beat", f"--loglevel={loglevel}", f"--schedule={settings.home / 'beat-schedule'}"])
+    celery.start([*quiet_flags(loglevel), "beat", f"--loglevel={loglevel}",
+                  f"--schedule={settings.home / 'beat-schedule'}"])
 
 
 @app.command()
@@ -107,8 +72,7 @@ def flower(
     """Run Flower; refuses to start without TEXTNLP_FLOWER_BASIC_AUTH=user:password."""
     credentials = os.environ.get("TEXTNLP_FLOWER_BASIC_AUTH")
     if not credentials or ":" not in credentials:
-        console.print("[red]Flower needs authentication: set TEXTNLP_FLOWER_BASIC_AUTH=user:password[/red]")
-        raise typer.Exit(2)
+        raise ConfigurationError("Flower needs authentication: set TEXTNLP_FLOWER_BASIC_AUTH=user:password")
     from textnlp_jobs.celery_app import app as celery
 
     os.environ["FLOWER_BASIC_AUTH"] = credentials  # read by Flower, never put on a command line
@@ -121,6 +85,7 @@ def check() -> None:
     from sqlalchemy import text
 
     from textnlp_jobs.celery_app import create_app
+    from textnlp_jobs.cli.failures import expected
     from textnlp_jobs.db.session import get_engine
 
     settings = get_settings()
@@ -131,25 +96,28 @@ def check() -> None:
         console.print("ledger: ok")
     except Exception as error:
         healthy = False
-        console.print(f"ledger: FAILED ({type(error).__name__})")
+        known = expected(error)
+        console.print(f"ledger: FAILED ({known.message if known else type(error).__name__})", markup=False)
     try:
         with create_app(settings).connection_for_write() as connection:
             connection.ensure_connection(max_retries=1)
         console.print("broker: ok")
     except Exception as error:
         healthy = False
-        console.print(f"broker: FAILED ({type(error).__name__})")
+        known = expected(error)
+        console.print(f"broker: FAILED ({known.message if known else type(error).__name__})", markup=False)
     raise typer.Exit(0 if healthy else 1)
 
 
 @app.command()
 def demo(
-    jobs: Annotated[int, typer.Option(help="How many jobs to run.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option()] = 24,
-    timeout: Annotated[float, typer.Option()] = 300.0,
+    jobs: Annotated[int, typer.Option(min=1, max=1000, help="How many jobs to run.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
+    timeout: Annotated[float, typer.Option(min=1)] = 300.0,
 ) -> None:
     """From nothing: bootstrap the demo model, start a device worker, a maintenance worker and
     beat, run a handful of jobs, print the results, and stop everything it started."""
     from textnlp_jobs.demo import run_demo
 
-    run_demo(get_settings(), jobs=jobs, max_new_tokens=max_new_tokens, timeout=timeout, console=console)
+    run_demo(get_settings(), jobs=jobs, max_new_tokens=max_new_tokens, timeout=timeout, out=console,
+             messages=err_console)

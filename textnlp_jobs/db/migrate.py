@@ -1,20 +1,19 @@
-"""Apply the Alembic migrations in ``migrations/`` to the configured ledger."""
+"""Apply the Alembic migrations in ``textnlp_jobs/migrations/`` to the configured ledger."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
 from textnlp_jobs.settings import get_settings
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# A package resource, so it resolves inside an installed wheel as well as in a checkout.
+SCRIPT_LOCATION = "textnlp_jobs:migrations"
 
 
 def alembic_config(url: str | None = None) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", SCRIPT_LOCATION)
     # '%' is ConfigParser's interpolation character; URLs may contain it (escaped passwords).
     config.set_main_option("sqlalchemy.url", (url or get_settings().database_url_value()).replace("%", "%%"))
     return config

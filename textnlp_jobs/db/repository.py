@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from textnlp_jobs.db.models import AuditLog, Generation, JobStatus, Prompt, utcnow
+from textnlp_jobs.errors import ErrorCode
 
 RESULT_WRITTEN = "generation.result_written"
 
@@ -46,7 +47,7 @@ class Job:
     """A job as the ledger holds it (what producers read)."""
 
     id: uuid.UUID
-    status: str
+    status: JobStatus
     model: str
     model_version: str | None
     params: dict[str, Any]
@@ -74,7 +75,7 @@ class Job:
     @property
     def done(self) -> bool:
         """True once the job reached a final status (succeeded, failed, cancelled, expired, dead)."""
-        return JobStatus(self.status).is_final
+        return self.status.is_final
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _record_columns() -> list[Any]:
 
 
 def _to_record(row: Any) -> Job:
-    return Job(*row)
+    return Job(row[0], JobStatus(row[1]), *row[2:])
 
 
 # --- producers ------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
 
 def _new_record(job: NewJob, created_at: datetime) -> Job:
     return Job(
-        id=job.id, status=JobStatus.QUEUED.value, model=job.model, model_version=None, params=job.params,
+        id=job.id, status=JobStatus.QUEUED, model=job.model, model_version=None, params=job.params,
         max_new_tokens=job.max_new_tokens, priority=job.priority, device=job.device,
         idempotency_key=job.idempotency_key, attempts=0, max_attempts=job.max_attempts, deadline=job.deadline,
         text=None, prompt_tokens=job.prompt_tokens, tokens_generated=None, mean_logprob=None, batch_size=None,
@@ -249,7 +250,7 @@ def cancel(session: Session, job_id: uuid.UUID, actor: str = "client") -> str | 
         update(Generation)
         .where(Generation.id == job_id, Generation.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
         .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now,
-                error_code="job.cancelled", error_message="cancelled by request")
+                error_code=ErrorCode.JOB_CANCELLED, error_message="cancelled by request")
     )
     if updated.rowcount:  # type: ignore[attr-defined]
         _audit(session, actor, "generation.cancelled", job_id, {})
@@ -287,9 +288,11 @@ def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: float
     if state.status != JobStatus.QUEUED.value:
         return ClaimOutcome(None, "not_queued")
     if state.deadline is not None and state.deadline <= now:
-        _finish_unclaimed(session, job_id, JobStatus.EXPIRED, "job.expired", "deadline passed before the job ran")
+        _finish_unclaimed(session, job_id, JobStatus.EXPIRED, ErrorCode.JOB_EXPIRED,
+                          "deadline passed before the job ran")
         return ClaimOutcome(None, "expired")
-    _finish_unclaimed(session, job_id, JobStatus.DEAD, "job.max_attempts", f"gave up after {state.attempts} attempts")
+    _finish_unclaimed(session, job_id, JobStatus.DEAD, ErrorCode.JOB_MAX_ATTEMPTS,
+                      f"gave up after {state.attempts} attempts")
     return ClaimOutcome(None, "dead")
 
 
@@ -405,7 +408,7 @@ def expire_claimed(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
     now = utcnow()
     return bool(session.execute(
         update(Generation).where(_owned_by(job_id, attempt), Generation.deadline <= now)
-        .values(status=JobStatus.EXPIRED.value, error_code="job.expired", lease_expires_at=None,
+        .values(status=JobStatus.EXPIRED.value, error_code=ErrorCode.JOB_EXPIRED, lease_expires_at=None,
                 error_message="deadline passed while waiting for a batch", finished_at=now, updated_at=now)
     ).rowcount)  # type: ignore[attr-defined]
 
@@ -427,7 +430,7 @@ def expire_overdue(session: Session, limit: int) -> int:
         return 0
     return int(session.execute(
         update(g).where(g.id.in_(ids), g.status == JobStatus.QUEUED.value)
-        .values(status=JobStatus.EXPIRED.value, error_code="job.expired",
+        .values(status=JobStatus.EXPIRED.value, error_code=ErrorCode.JOB_EXPIRED,
                 error_message="deadline passed before the job ran", finished_at=now, updated_at=now),
         execution_options={"synchronize_session": False},
     ).rowcount)  # type: ignore[attr-defined]
@@ -449,7 +452,7 @@ def bury_exhausted(session: Session, limit: int) -> int:
         return 0
     return int(session.execute(
         update(g).where(g.id.in_(ids), g.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-        .values(status=JobStatus.DEAD.value, error_code="job.max_attempts", lease_expires_at=None,
+        .values(status=JobStatus.DEAD.value, error_code=ErrorCode.JOB_MAX_ATTEMPTS, lease_expires_at=None,
                 error_message="no result after the maximum number of attempts", finished_at=now, updated_at=now),
         execution_options={"synchronize_session": False},
     ).rowcount)  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.models import utcnow
 from textnlp_jobs.errors import (
+    ErrorCode,
     InferenceError,
     InputError,
     JobDroppedError,
@@ -116,7 +117,7 @@ class DeviceRuntime:
             return self._give_back(job)
         except FutureTimeout:
             return self._failed(job, InferenceError(f"no result within {self.settings.max_job_seconds:.0f}s",
-                                                    code="inference.timeout"), retry=True)
+                                                    code=ErrorCode.INFERENCE_TIMEOUT), retry=True)
         except TextNLPError as error:
             return self._failed(job, error, retry=error.retryable)
         result = done.result
@@ -137,11 +138,11 @@ class DeviceRuntime:
         engine = self.engines.get(job.model)
         if engine is None:
             raise InputError("model", f"{job.model!r} is not loaded on {self.worker_name}",
-                             code="input.model_not_on_device")
+                             code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE)
         ids = engine.tokenize(job.prompt)
         if len(ids) > self.settings.max_prompt_tokens:
             raise InputError("prompt", f"is {len(ids)} tokens, over the limit of "
-                             f"{self.settings.max_prompt_tokens} tokens", code="input.prompt_too_many_tokens")
+                             f"{self.settings.max_prompt_tokens} tokens", code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
         params = job.params
         sampling = SamplingParams(float(params.get("temperature", 0.0)), float(params.get("top_p", 1.0)),
                                   int(params.get("top_k", 0)))

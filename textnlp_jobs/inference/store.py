@@ -52,10 +52,13 @@ def manifest_digest(manifest: dict[str, str]) -> str:
 
 def register_version(session: Session, name: str, path: Path, *, description: str | None = None,
                      quantization: str | None = None) -> ModelVersion:
-    """Record the model directory at ``path`` as a version of ``name`` (idempotent); see registry."""
+    """Record the model directory at ``path`` as a version of ``name`` with what it is (architecture,
+    dtype, parameters, positions, special tokens); idempotent. See ``registry.record_version``."""
     from textnlp_jobs.inference import registry
+    from textnlp_jobs.inference.loading import inspect_directory
 
-    return registry.record_version(session, name, path, description=description, quantization=quantization)
+    return registry.record_version(session, name, path, info=inspect_directory(path), description=description,
+                                   quantization=quantization)
 
 
 def known_models(session: Session) -> list[str]:

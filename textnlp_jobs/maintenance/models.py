@@ -17,19 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db.models import AuditLog, Model, ModelVersion, utcnow
-from textnlp_jobs.errors import ModelInUseError, TextNLPError
+from textnlp_jobs.errors import ModelInUseError, ModelValidationFailed, TextNLPError
 from textnlp_jobs.inference import registry, store
 from textnlp_jobs.settings import Settings
 
 ACTOR = "maintenance"
 VALIDATION_PROMPT = "Return the number of items that are waiting in the queue."
 VALIDATION_NEW_TOKENS = 16
-
-
-class ModelValidationFailed(TextNLPError):
-    """models.validate found versions whose files changed or went missing (now marked corrupt)."""
-
-    code = "models.validation_failed"
 
 
 @dataclass(frozen=True)

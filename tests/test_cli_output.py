@@ -1,0 +1,173 @@
+"""What scripts rely on: data on stdout, everything else on stderr, ``--json`` that parses, full
+ids when piped, and every expected error as one line ``error <code>: <message>`` with exit 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from textnlp_jobs.local_stack import REPO_ROOT, LocalStack
+
+pytestmark = [pytest.mark.slow]
+
+ONE_LINE_ERROR = re.compile(r"^error [a-z_]+\.[a-z_0-9]+: \S.*$")
+
+
+def cli(stack: LocalStack, *args: str, env: dict[str, str] | None = None, stdin: str | None = None,
+        timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """The command as a script runs it: stdout and stderr are pipes, not a terminal."""
+    return subprocess.run([sys.executable, "-m", "textnlp_jobs.cli", *args], cwd=REPO_ROOT,
+                          env=stack.process_env({"COLUMNS": "60", **(env or {})}), capture_output=True, text=True,
+                          timeout=timeout, input=stdin)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], code: str) -> None:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and ONE_LINE_ERROR.match(lines[0]), done.stderr
+    assert lines[0].startswith(f"error {code}: "), lines[0]
+    assert done.stdout == ""
+
+
+def test_submit_prints_only_the_id_on_stdout_so_a_script_can_capture_it(embedded_stack: LocalStack) -> None:
+    many = cli(embedded_stack, "submit", "Return a new list", "--model", "demo", "--count", "3")
+    assert many.returncode == 0, many.stderr
+    ids = many.stdout.splitlines()
+    assert len(ids) == 3 and all(uuid.UUID(i) for i in ids)
+    assert "submitting" not in many.stdout
+
+    status = cli(embedded_stack, "status", ids[0])
+    assert status.returncode == 0 and ids[0] in status.stdout
+
+
+def test_json_output_of_submit_status_list_and_models_parses(embedded_stack: LocalStack) -> None:
+    submitted = cli(embedded_stack, "submit", "Create a new thread", "--model", "demo", "--top-k", "5",
+                    "--deadline", "600", "--priority", "4", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    [job] = json.loads(submitted.stdout)
+    assert job["status"] == "queued" and job["params"]["top_k"] == 5 and job["priority"] == 4
+    assert job["deadline"] is not None
+
+    status = json.loads(cli(embedded_stack, "status", job["id"], "--json").stdout)
+    assert status["id"] == job["id"] and status["max_attempts"] >= 1
+    listing = json.loads(cli(embedded_stack, "jobs", "list", "--status", "queued", "--json").stdout)
+    assert [row["id"] for row in listing] == [job["id"]]
+    models = json.loads(cli(embedded_stack, "models", "list", "--json").stdout)
+    assert {"demo", "tiny"} <= {row["model"] for row in models}
+
+
+def test_tables_keep_full_ids_when_stdout_is_a_pipe(embedded_stack: LocalStack) -> None:
+    ids = cli(embedded_stack, "submit", "Read the file and", "--model", "demo", "--count", "2").stdout.split()
+    listing = cli(embedded_stack, "jobs", "list")  # COLUMNS=60: narrower than an id and its row
+    assert listing.returncode == 0
+    for job_id in ids:
+        assert job_id in listing.stdout
+
+
+def test_cancel_of_a_finished_job_says_so_and_exits_3(embedded_stack: LocalStack) -> None:
+    job_id = cli(embedded_stack, "submit", "If the timeout is", "--model", "demo").stdout.strip()
+    first = cli(embedded_stack, "cancel", job_id)
+    assert first.returncode == 0 and first.stdout.split() == [job_id, "cancelled"]
+    again = cli(embedded_stack, "cancel", job_id)
+    assert again.returncode == 3
+    assert again.stderr.strip().startswith("error jobs.already_finished: ") and "cancelled" in again.stderr
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["jobs", "list", "--status", "bogus"], "cli.usage"),
+    (["jobs", "list", "--limit", "-1"], "cli.usage"),
+    (["submit", "hello", "--count", "-5"], "cli.usage"),
+    (["wait"], "cli.usage"),
+    (["submit", "hello", "--deadline", "tomorrow-ish"], "cli.usage"),
+    (["submit", " ", "--model", "demo"], "input.prompt_empty"),
+    (["submit", "hello", "--model", "demo", "--top-p", "7"], "input.top_p_out_of_range"),
+    (["status", "not-an-id"], "input.job_id_invalid"),
+    (["status", "00000000-0000-0000-0000-000000000000"], "jobs.not_found"),
+    (["worker", "--device", "gpu.0"], "config.device_invalid"),
+    (["models", "bootstrap", "huge"], "models.unknown_recipe"),
+])
+def test_bad_arguments_get_one_line_errors_with_exit_2(embedded_stack: LocalStack, args: list[str],
+                                                       code: str) -> None:
+    assert_one_line_error(cli(embedded_stack, *args), code)
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(embedded_stack: LocalStack) -> None:
+    done = cli(embedded_stack, "jobs", "list", env={"TEXTNLP_LEASE_SECONDS": "-3"})
+    assert_one_line_error(done, "config.invalid")
+    assert "TEXTNLP_LEASE_SECONDS" in done.stderr
+
+
+def test_an_unreachable_postgresql_is_one_line_without_the_password(embedded_stack: LocalStack) -> None:
+    url = "postgresql+psycopg://textnlp:hunter2-secret@127.0.0.1:9/textnlp"
+    done = cli(embedded_stack, "jobs", "list", env={"TEXTNLP_DATABASE_URL": url})
+    assert_one_line_error(done, "ledger.unreachable")
+    assert "127.0.0.1:9" in done.stderr and "hunter2" not in done.stderr
+
+
+def test_an_unreachable_redis_is_one_line(embedded_stack: LocalStack) -> None:
+    done = cli(embedded_stack, "submit", "hello", "--model", "demo",
+               env={"TEXTNLP_BROKER_URL": "redis://:hunter2@127.0.0.1:9/0"}, timeout=120)
+    assert_one_line_error(done, "broker.unreachable")
+    assert "hunter2" not in done.stderr
+
+
+def test_an_unmigrated_ledger_is_one_line_that_says_what_to_run(embedded_stack: LocalStack, tmp_path: Path) -> None:
+    done = cli(embedded_stack, "jobs", "list", env={"TEXTNLP_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"})
+    assert_one_line_error(done, "ledger.not_migrated")
+    assert "textnlp-jobs db upgrade" in done.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_says_where_the_traceback_went(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from textnlp_jobs import cli as cli_module
+    from textnlp_jobs.cli import jobs
+    from textnlp_jobs.settings import reset_settings_cache
+
+    def broken() -> None:
+        raise RuntimeError("a bug on purpose")
+
+    monkeypatch.setenv("TEXTNLP_HOME", str(tmp_path))
+    reset_settings_cache()
+    monkeypatch.setattr(jobs, "_client", broken)
+    for argv, debug in ((["textnlp-jobs", "status", str(uuid.uuid4())], False),
+                        (["textnlp-jobs", "--debug", "status", str(uuid.uuid4())], True)):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exited:
+            cli_module.main()
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error textnlp.unexpected: RuntimeError: a bug on purpose")
+        if debug:
+            assert "Traceback" in err
+        else:
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+            saved = Path(re.search(r"full traceback in (\S+?);", last).group(1))  # type: ignore[union-attr]
+            assert saved.parent == tmp_path / "errors" and "a bug on purpose" in saved.read_text()
+    cli_module.base.state.debug = False
+    reset_settings_cache()
+
+
+def test_wait_on_many_jobs_prints_a_summary_and_status_shows_the_details(embedded_stack: LocalStack) -> None:
+    embedded_stack.device_worker("cpu.0").start()
+    ids = cli(embedded_stack, "submit", "The default value is", "--model", "demo", "--max-new-tokens", "4",
+              "--count", "25").stdout.split()
+    assert len(ids) == 25
+    waited = cli(embedded_stack, "wait", *ids, "--timeout", "150")
+    assert waited.returncode == 0, waited.stderr
+    assert "25 jobs: 25 succeeded" in waited.stdout
+    assert len(waited.stdout.splitlines()) < 20  # a summary, not a row per job
+
+    as_json = json.loads(cli(embedded_stack, "wait", *ids[:3], "--json").stdout)
+    assert [job["status"] for job in as_json] == ["succeeded"] * 3
+
+    detail = cli(embedded_stack, "status", ids[0]).stdout
+    for field in ("worker", "attempts", "1 of", "created", "finished", "inference", "demo @ "):
+        assert field in detail, detail
