@@ -4,7 +4,10 @@ rollback, pins, removal rules, and the audit trail every change leaves."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from textnlp_jobs.errors import (
     NoPreviousVersionError,
 )
 from textnlp_jobs.inference import registry
+from textnlp_jobs.local_stack import REPO_ROOT
 from textnlp_jobs.settings import Settings
 
 
@@ -187,3 +191,32 @@ def test_a_corrupt_version_is_never_resolved_for_serving(
         version.corrupt, version.corrupt_reason = True, "changed: model.safetensors"
     with factory() as session, pytest.raises(ModelCorruptError, match=r"changed: model\.safetensors"):
         registry.resolve(session, "mine")
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTNLP_")}
+    env.update({"TEXTNLP_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)})
+    return subprocess.run([sys.executable, "-m", "textnlp_jobs.cli", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_the_models_commands_register_list_promote_show_and_refuse_a_broken_directory(
+        tiny_copy: Path, tmp_path: Path) -> None:
+    home = tmp_path / "cli-home"
+    registered = cli(home, "models", "register", str(tiny_copy), "--name", "mine", "--description", "tiny")
+    assert registered.returncode == 0, registered.stderr
+    version = registered.stdout.strip()
+    assert len(version) == 12 and "registered mine version" in registered.stderr
+    promoted = cli(home, "models", "promote", "mine", version, "--env", "production")
+    assert promoted.returncode == 0 and f"(none) -> {version}" in promoted.stderr
+    listing = json.loads(cli(home, "models", "list", "--json").stdout)
+    assert [(r["model"], r["version"], r["environments"]) for r in listing] == [("mine", version, ["production"])]
+    shown = json.loads(cli(home, "models", "show", "mine", "--json").stdout)
+    assert shown["versions"][0]["architecture"] == "GPT2LMHeadModel"
+    assert [p["action"] for p in shown["promotions"]] == ["promote"]
+    refused = cli(home, "models", "remove", "mine", version)
+    assert refused.returncode == 2 and "error models.in_use" in refused.stderr
+    break_weights(tiny_copy)
+    broken = cli(home, "models", "register", str(tiny_copy), "--name", "broken")
+    assert broken.returncode == 2 and "error models.invalid: missing weights: model.safetensors" in broken.stderr
