@@ -59,16 +59,21 @@ class Client:
         self._tokenizers: dict[str, Any] = {}
 
     # --- submitting ----------------------------------------------------------------------
-    def submit(self, prompt: str | bytes, *, model: str, max_new_tokens: int | None = None,
+    def submit(self, prompt: str | bytes | None = None, *, model: str, max_new_tokens: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                idempotency_key: str | None = None, priority: int = 0, deadline: datetime | None = None,
-               device: str | None = None, max_attempts: int | None = None) -> Job:
-        """Queue one generation job; an idempotency key already used returns that job instead."""
+               device: str | None = None, max_attempts: int | None = None,
+               messages: builtins.list[dict[str, str]] | None = None) -> Job:
+        """Queue one generation job; an idempotency key already used returns that job instead.
+        ``messages=[{"role": "user", "content": "…"}, …]`` instead of ``prompt`` applies the model's
+        chat template."""
         spec: dict[str, Any] = {
             "prompt": prompt, "model": model, "temperature": temperature, "top_p": top_p, "top_k": top_k,
             "seed": seed, "idempotency_key": idempotency_key, "priority": priority, "deadline": deadline,
             "device": device,
         }
+        if messages is not None:
+            spec["messages"] = messages
         if max_new_tokens is not None:
             spec["max_new_tokens"] = max_new_tokens
         if max_attempts is not None:
@@ -83,7 +88,8 @@ class Client:
         validated = []
         for index, spec in enumerate(specs):
             try:
-                validated.append(validate_job(spec, self.settings, self._known_models(), self._count_tokens))
+                validated.append(validate_job(spec, self.settings, self._known_models(), self._count_tokens,
+                                              self._has_chat_template))
             except InputError as error:
                 if len(specs) > 1:
                     error.args = (f"job {index}: {error.args[0]}",)
@@ -186,6 +192,10 @@ class Client:
                         models[name] = None
             self._models = (time.monotonic(), models)
             return models
+
+    def _has_chat_template(self, model: str) -> bool | None:
+        resolved = self._resolved_models().get(model)
+        return None if resolved is None else resolved.chat_template
 
     def _known_models(self) -> builtins.list[str]:
         return builtins.list(self._resolved_models())

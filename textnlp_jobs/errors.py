@@ -45,6 +45,8 @@ class ErrorCode(enum.StrEnum):
     INPUT_PRIORITY_OUT_OF_RANGE = "input.priority_out_of_range"
     INPUT_MAX_ATTEMPTS_INVALID = "input.max_attempts_invalid"
     INPUT_MAX_ATTEMPTS_OUT_OF_RANGE = "input.max_attempts_out_of_range"
+    INPUT_MESSAGES_INVALID = "input.messages_invalid"
+    INPUT_NO_CHAT_TEMPLATE = "input.no_chat_template"
 
     # Jobs: what happened to a job, and what a producer asked of one.
     JOBS_NOT_FOUND = "jobs.not_found"

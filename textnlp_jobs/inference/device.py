@@ -7,6 +7,7 @@ task module is a thin shell around it.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -139,7 +140,8 @@ class DeviceRuntime:
         if engine is None:
             raise InputError("model", f"{job.model!r} is not loaded on {self.worker_name}",
                              code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE)
-        ids = engine.tokenize(job.prompt)
+        # A chat job's prompt is its messages as JSON (validation.py); the model's template renders them.
+        ids = engine.tokenize_chat(json.loads(job.prompt)) if job.params.get("chat") else engine.tokenize(job.prompt)
         if len(ids) > self.settings.max_prompt_tokens:
             raise InputError("prompt", f"is {len(ids)} tokens, over the limit of "
                              f"{self.settings.max_prompt_tokens} tokens", code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)

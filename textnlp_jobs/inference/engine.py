@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from textnlp_jobs.errors import ModelStoreError, OutOfMemoryError, TokenizationError
+from textnlp_jobs.errors import ErrorCode, ModelStoreError, OutOfMemoryError, TokenizationError
 from textnlp_jobs.inference.loading import QUANTIZATION_FILE
 from textnlp_jobs.metrics.registry import record_memory
 
@@ -68,6 +68,10 @@ class Engine(Protocol):
     device: str
 
     def tokenize(self, prompt: str) -> list[int]: ...
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt ids of a chat, through the model's chat template."""
+        ...
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         """Run ``requests`` (same sampling settings) as one batch."""
@@ -183,6 +187,16 @@ class TransformersEngine:
             raise TokenizationError("prompt has no tokens")
         return list(ids)
 
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise TokenizationError(f"model {self.model_name} version {self.model_version} has no chat template",
+                                    code=ErrorCode.INPUT_NO_CHAT_TEMPLATE)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as error:  # jinja errors from a template that rejects these messages
+            raise TokenizationError(f"chat template failed: {type(error).__name__}: {error}") from error
+        return self.tokenize(str(text))
+
     def warm_up(self) -> None:
         """One tiny generation so the first job does not pay for lazy initialisation."""
         self.generate([EngineRequest(self.tokenize("Warm up"), 2, SamplingParams())])
@@ -222,7 +236,8 @@ class TransformersEngine:
             new = output[row, width:].tolist()[: request.max_new_tokens]
             if self.eos_id in new:
                 new = new[: new.index(self.eos_id)]
-            text = str(self.tokenizer.decode(new, skip_special_tokens=True))
+            # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
+            text = str(self.tokenizer.decode(new, skip_special_tokens=True)).replace("\x00", "\ufffd")
             results.append(EngineResult(text, new, chooser.logprobs[row][: len(new)]))
         return results
 
@@ -242,6 +257,9 @@ class StubEngine:
         if "\x00" in prompt:
             raise TokenizationError("prompt contains NUL")
         return [len(word) for word in prompt.split()] or [0]
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenize(" ".join(f"{m['role']}: {m['content']}" for m in messages))
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         if self.fail_above is not None and len(requests) > self.fail_above:

@@ -129,7 +129,9 @@ def resolve(session: Session, reference: str, environment: str = "production") -
     if chosen.corrupt:
         raise ModelCorruptError(f"model {name!r} version {chosen.version} is corrupt and is not served: "
                                 f"{chosen.corrupt_reason or 'files changed'}")
-    return ResolvedModel(name, chosen.version, Path(chosen.path), chosen.quantization, chosen.id)
+    chat = (chosen.special_tokens or {}).get("chat_template")
+    return ResolvedModel(name, chosen.version, Path(chosen.path), chosen.quantization, chosen.id,
+                         None if chat is None else bool(chat))
 
 
 # --- registering -----------------------------------------------------------------------------

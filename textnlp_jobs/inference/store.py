@@ -32,6 +32,7 @@ class ResolvedModel:
     path: Path
     quantization: str | None = None
     version_id: int | None = None
+    chat_template: bool | None = None  # None: not recorded
 
 
 def file_manifest(directory: Path) -> dict[str, str]:
