@@ -1,13 +1,11 @@
 """What Celery beat sends, and when: the maintenance schedule and nothing else.
 
-The schedule is built in ``textnlp_jobs.maintenance.schedule`` (so the installed package carries
-it); this module is the design's entry point to it.
+The schedule is built from the maintenance task registry (``textnlp_jobs.maintenance.schedule``);
+this module re-exports it for operators who look for it here.
 """
 
 from __future__ import annotations
 
-from textnlp_jobs.maintenance.schedule import FIVE_MINUTES, build_schedule
+from textnlp_jobs.maintenance.schedule import build_schedule, schedules
 
-BEAT_SCHEDULE = build_schedule()
-
-__all__ = ["BEAT_SCHEDULE", "FIVE_MINUTES", "build_schedule"]
+__all__ = ["build_schedule", "schedules"]

@@ -21,6 +21,8 @@ from textnlp_jobs.errors import ModelCorruptError, ModelValidationFailed
 from textnlp_jobs.inference import registry
 from textnlp_jobs.local_stack import REPO_ROOT
 from textnlp_jobs.maintenance import models as tasks
+from textnlp_jobs.maintenance.registry import TaskContext, load_tasks
+from textnlp_jobs.maintenance.runner import run_maintenance
 from textnlp_jobs.settings import Settings
 
 from .test_model_registry import variant
@@ -42,8 +44,18 @@ def tiny_copy(tiny_model: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_model, tmp_path / "my-model"))
 
 
-def job(ledger: Ledger, dry_run: bool = False) -> tasks.Job:
-    return tasks.Job(ledger[0], ledger[1], dry_run, logging.getLogger("test"))
+def job(ledger: Ledger, dry_run: bool = False) -> TaskContext:
+    """What the maintenance runner hands a task (these tasks do not use Celery)."""
+    return TaskContext(settings=ledger[0], session_factory=ledger[1], celery=None,  # type: ignore[arg-type]
+                       dry_run=dry_run, log=logging.getLogger("test"))
+
+
+def test_the_model_tasks_are_declared_on_their_schedules_and_queues() -> None:
+    tasks_by_name = load_tasks()
+    assert tasks_by_name["models.cleanup"].schedule == "0 3 * * *"
+    assert tasks_by_name["models.validate"].schedule == "0 4 * * *"
+    quantize = tasks_by_name["models.quantize"]
+    assert quantize.schedule == "0 2 * * 0" and quantize.heavy
 
 
 def test_cleanup_removes_exactly_the_unused_versions_that_nothing_keeps(ledger: Ledger, tiny_copy: Path) -> None:
@@ -61,7 +73,8 @@ def test_cleanup_removes_exactly_the_unused_versions_that_nothing_keeps(ledger: 
         loaded_id = registry.get_version(session, "mine", done["loaded"].version)[1].id
         registry.record_loads(session, "othernode/cuda.0", [loaded_id])
 
-    preview = tasks.cleanup(job(ledger, dry_run=True))
+    preview = run_maintenance("models.cleanup", settings=settings, dry_run=True)  # as beat and the CLI run it
+    assert preview["status"] == "succeeded" and preview["dry_run"]
     assert [c["version"] for c in preview["would_remove"]] == [done["unused"].version]
     assert done["unused"].path.exists()
 

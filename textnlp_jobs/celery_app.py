@@ -6,8 +6,8 @@ from typing import Any
 
 from celery import Celery
 
-from textnlp_jobs.constants import GENERATE_TASK, MAINTENANCE_QUEUE, RECONCILE_TASK
-from textnlp_jobs.maintenance.schedule import build_schedule
+from textnlp_jobs.constants import GENERATE_TASK, MAINTENANCE_QUEUE, REDBEAT_KEY_PREFIX
+from textnlp_jobs.maintenance.schedule import build_schedule, task_routes
 from textnlp_jobs.settings import Settings, get_settings
 
 
@@ -32,15 +32,23 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_routes": {RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE}},
+        "task_routes": task_routes(),
         "task_default_queue": MAINTENANCE_QUEUE,
         "task_create_missing_queues": True,
         # Per-task events cost a publish each on the hot path; Flower switches them on when it
         # connects (enable_events), and TEXTNLP_TASK_EVENTS=true turns them on from the start.
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
-        "beat_schedule": build_schedule(settings.reconcile_interval_seconds),
+        "beat_schedule": build_schedule(settings),
         "timezone": "UTC",
+        # Beat wakes at least this often; RedBeat extends its lock on every wake-up, and a second
+        # beat (started by mistake, or a standby) retries the lock at this pace and sends nothing.
+        "beat_max_loop_interval": 10,
+        **({} if settings.embedded else {
+            "redbeat_redis_url": settings.broker_url_value(),
+            "redbeat_key_prefix": REDBEAT_KEY_PREFIX,
+            "redbeat_lock_timeout": 60,
+        }),
     }
 
 

@@ -55,11 +55,12 @@ def maintenance_worker_command(*, loglevel: str = "INFO", concurrency: int | Non
 
 
 def beat_command(settings: Settings, *, loglevel: str = "INFO") -> list[str]:
-    """The command line of Celery beat (its schedule file lives in the home)."""
+    """The command line of Celery beat (RedBeat on Redis, a state file in the home when embedded)."""
+    from textnlp_jobs.maintenance.schedule import beat_arguments
     from textnlp_jobs.worker_main import quiet_flags
 
     return [sys.executable, "-m", "celery", "-A", "textnlp_jobs.celery_app:app", *quiet_flags(loglevel), "beat",
-            f"--loglevel={loglevel}", f"--schedule={settings.home / 'beat-schedule'}"]
+            f"--loglevel={loglevel}", *beat_arguments(settings)]
 
 
 def visible_gpus() -> int:

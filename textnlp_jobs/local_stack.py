@@ -165,3 +165,37 @@ class LocalStack:
     def stop_all(self) -> None:
         for worker in self.workers:
             worker.stop()
+
+
+_SEED_SQL = """
+INSERT INTO prompts (id, text, sha256, byte_length, token_count, created_at)
+SELECT md5('p' || i || :salt)::uuid, 'seeded prompt ' || i, md5(i::text) || md5(i::text), 16, 4,
+       now() - ((i % 180) + 0.5) * interval '1 day'
+FROM generate_series(1, :n) AS i;
+INSERT INTO generations (id, prompt_id, model, params, max_new_tokens, status, priority, attempts, max_attempts,
+                         result_text, tokens_generated, archived, created_at, updated_at, finished_at)
+SELECT md5('g' || i || :salt)::uuid, md5('p' || i || :salt)::uuid, 'demo', '{"temperature": 0}'::jsonb, 8,
+       CASE WHEN i % 97 = 0 THEN 'queued' WHEN i % 89 = 0 THEN 'running' WHEN i % 7 = 0 THEN 'failed'
+            ELSE 'succeeded' END,
+       0, 1, 3, 'seeded result ' || i, 8, false,
+       now() - ((i % 180) + 0.5) * interval '1 day', now(), now() - ((i % 180) + 0.5) * interval '1 day'
+FROM generate_series(1, :n) AS i
+"""
+
+
+def seed_generations(settings: Settings, rows: int) -> None:
+    """Seed a PostgreSQL ledger fast (``generate_series``) with ``rows`` generations spread evenly
+    over 180 days (so half are past a 90-day policy), one prompt each; about 1% stay ``queued`` and
+    1% ``running`` at every age. For retention tests and benchmarks."""
+    from sqlalchemy import text
+
+    from textnlp_jobs.db.session import get_engine
+
+    salt = uuid.uuid4().hex
+    with get_engine(settings).begin() as connection:
+        for statement in _SEED_SQL.split(";"):
+            connection.execute(text(statement), {"n": rows, "salt": salt})
+    with get_engine(settings).connect() as connection:
+        connection.execute(text("ANALYZE generations"))
+        connection.execute(text("ANALYZE prompts"))
+        connection.commit()

@@ -86,6 +86,29 @@ class Settings(BaseSettings):
     quantize_max_perplexity_increase: float = Field(0.05, ge=0)
     quantize_min_speedup: float = Field(1.5, ge=0)
 
+    # --- maintenance (issue 6) ----------------------------------------------------------------
+    # Overrides of the beat schedule by task name: a 5-field crontab in UTC ("30 2 * * *"), a
+    # number of seconds (an interval, for tests and demos) or "off", e.g. {"db.vacuum": "30 2 * * *"}.
+    schedule: dict[str, str | float] = Field(default_factory=dict)
+    # Retention policy (days); generations are deleted only once archived.
+    retention_generations_days: float = Field(90, gt=0)
+    retention_orphan_prompts_days: float = Field(30, gt=0)
+    retention_audit_logs_days: float = Field(365, gt=0)
+    retention_maintenance_runs_days: float = Field(180, gt=0)
+    # Rows per delete batch (each its own transaction) and how long a batch waits for a row lock.
+    retention_batch: int = Field(5_000, ge=1, le=100_000)
+    retention_lock_timeout_ms: int = Field(2_000, ge=1)
+    # Pause between batches, to lower the load a large cleanup puts on a busy ledger.
+    retention_batch_pause_seconds: float = Field(0.0, ge=0)
+    # Where db.retention writes its gzip JSON-lines archives; default <home>/archive.
+    archive_dir: Path | None = None
+    # cache.expire: keys with no TTL idle longer than this are removed.
+    cache_idle_seconds: float = Field(7 * 86_400, gt=0)
+    # cache.memory: at most this many keys are sized to find the largest ones.
+    cache_memory_sample: int = Field(100_000, ge=0)
+    # queues.dead_letter: messages of a queue no one consumes, older than this, are dead-lettered.
+    dead_letter_after_seconds: float = Field(86_400, gt=0)
+
     @field_validator("placement")
     @classmethod
     def _placement_has_models(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -112,6 +135,9 @@ class Settings(BaseSettings):
 
     def broker_folder(self) -> Path:
         return self.home / "broker"
+
+    def archive_dir_value(self) -> Path:
+        return self.archive_dir if self.archive_dir is not None else self.home / "archive"
 
     def model_store_dir(self) -> Path:
         return self.model_store if self.model_store is not None else self.home / "models"

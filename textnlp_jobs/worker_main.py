@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from textnlp_jobs.constants import MAINTENANCE_QUEUE, device_queue, generation_queue
+from textnlp_jobs.constants import device_queue, generation_queue
 from textnlp_jobs.errors import ConfigurationError, TextNLPError
 from textnlp_jobs.settings import Settings, get_settings
 
@@ -118,16 +118,19 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         runtime.stop()
 
 
-def run_maintenance_worker(*, loglevel: str = "INFO", concurrency: int = 2) -> None:
-    """The maintenance worker: consumes ``textnlp.maintenance``, where beat sends every scheduled task."""
-    from textnlp_jobs.celery_app import app
+def run_maintenance_worker(*, loglevel: str = "INFO", only: str | None = None,
+                           concurrency: int | None = None) -> None:
+    """The maintenance worker: a light and a heavy Celery worker (``maintenance.worker``), both
+    supervised from this process, or ``only`` one of them in this process."""
+    from textnlp_jobs.maintenance.worker import run_both, run_one
 
-    settings = get_settings()
-    app.worker_main([
-        *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={concurrency}",
-        f"--queues={MAINTENANCE_QUEUE}", f"--hostname={maintenance_hostname(settings)}", f"--loglevel={loglevel}",
-        "--without-gossip", "--without-mingle",
-    ])
+    if only == "light":
+        run_one("light", loglevel=loglevel, concurrency=concurrency)
+        return
+    if only == "heavy":
+        run_one("heavy", loglevel=loglevel, concurrency=concurrency)
+        return
+    sys.exit(run_both(loglevel=loglevel))
 
 
 def quiet_flags(loglevel: str) -> list[str]:
@@ -160,12 +163,14 @@ def device_main(argv: Sequence[str] | None = None) -> None:
 
 def maintenance_main(argv: Sequence[str] | None = None) -> None:
     """Command line of the maintenance worker."""
-    parser = argparse.ArgumentParser(description="The maintenance worker (consumes textnlp.maintenance).")
+    parser = argparse.ArgumentParser(description="The maintenance worker (textnlp.maintenance and "
+                                                 "textnlp.maintenance.heavy, one process each).")
     parser.add_argument("--loglevel", default=os.environ.get("TEXTNLP_LOGLEVEL", "INFO"))
-    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--only", choices=["light", "heavy"], default=None)
+    parser.add_argument("--concurrency", type=int, default=None)
     args = parser.parse_args(argv)
     try:
-        run_maintenance_worker(loglevel=args.loglevel, concurrency=args.concurrency)
+        run_maintenance_worker(loglevel=args.loglevel, only=args.only, concurrency=args.concurrency)
     except TextNLPError as error:
         _fail(error)
 

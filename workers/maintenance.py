@@ -1,6 +1,7 @@
 """The maintenance worker (the code is ``textnlp_jobs.worker_main``).
 
-    python -m workers.maintenance
+    python -m workers.maintenance                 # both, supervised
+    python -m workers.maintenance --only heavy    # one of them
 """
 
 from __future__ import annotations

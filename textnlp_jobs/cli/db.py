@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from textnlp_jobs.cli.base import db_app, say
+from textnlp_jobs.cli.base import db_app, emit, say
 from textnlp_jobs.settings import get_settings
 
 
@@ -26,3 +27,21 @@ def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
 
     downgrade(get_settings().database_url_value(), revision)
     say(f"ledger at {revision}")
+
+
+archive_app = typer.Typer(help="Archives written by db.retention (gzip JSON lines with a manifest).",
+                          no_args_is_help=True)
+db_app.add_typer(archive_app, name="archive")
+
+
+@archive_app.command("restore")
+def db_archive_restore(file: Annotated[Path, typer.Argument(help="A generations-<day>.jsonl.gz archive.")]) -> None:
+    """Load an archive back into the ledger (for audits), after checking its sha256 and row count
+    against its manifest. Rows already present are left as they are."""
+    from textnlp_jobs.cli.base import ensure_ledger
+    from textnlp_jobs.db.session import session_factory
+    from textnlp_jobs.maintenance.archive import restore
+
+    settings = get_settings()
+    ensure_ledger(settings)
+    emit(restore(session_factory(settings), file), as_json=False)

@@ -170,3 +170,22 @@ def jobs_list(
     if not jobs and not as_json:
         say("no jobs match")
     emit(jobs, as_json=as_json, render=job_table(jobs))
+
+
+@jobs_app.command("requeue")
+def jobs_requeue(
+    status_filter: Annotated[str, typer.Option("--status", help="dead (default), failed or expired.")] = "dead",
+    model: Annotated[str | None, typer.Option(help="Only jobs of this model.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count them, change nothing.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Send jobs back to their queues with a new attempt budget, once the cause is fixed (e.g. dead
+    jobs of a queue no worker consumed: error queue.no_consumer)."""
+    from textnlp_jobs.celery_app import create_app
+    from textnlp_jobs.db.session import session_factory
+    from textnlp_jobs.maintenance.queues import requeue
+
+    settings = get_settings()
+    ensure_ledger(settings)
+    emit(requeue(settings, session_factory(settings), create_app(settings), status=status_filter,
+                          model=model, dry_run=dry_run), as_json=as_json)

@@ -53,14 +53,14 @@ def worker(
 
 @app.command()
 def beat(loglevel: Annotated[str, typer.Option(envvar="TEXTNLP_LOGLEVEL")] = "INFO") -> None:
-    """Run Celery beat, which sends the maintenance schedule (run exactly one). Runs until stopped."""
+    """Run Celery beat, which sends the maintenance schedule. On Redis it uses RedBeat: a second
+    beat waits on the lock and sends nothing. Embedded, its state file is under TEXTNLP_HOME."""
     from textnlp_jobs.celery_app import app as celery
+    from textnlp_jobs.maintenance.schedule import beat_arguments
     from textnlp_jobs.worker_main import quiet_flags
 
     settings = get_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    celery.start([*quiet_flags(loglevel), "beat", f"--loglevel={loglevel}",
-                  f"--schedule={settings.home / 'beat-schedule'}"])
+    celery.start([*quiet_flags(loglevel), "beat", f"--loglevel={loglevel}", *beat_arguments(settings)])
 
 
 @app.command()

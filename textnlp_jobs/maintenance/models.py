@@ -1,43 +1,31 @@
-"""Model maintenance: ``models.cleanup`` (daily), ``models.validate`` (daily), ``models.quantize``
-(weekly, heavy queue). The functions here know nothing of Celery; each honours ``dry_run``."""
+"""Model maintenance: ``models.cleanup`` (daily 03:00), ``models.validate`` (daily 04:00),
+``models.quantize`` (Sundays 02:00, heavy queue). Each honours ``ctx.dry_run``; none uses Celery."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db.models import AuditLog, Model, ModelVersion, utcnow
 from textnlp_jobs.errors import ModelInUseError, ModelValidationFailed, TextNLPError
 from textnlp_jobs.inference import registry, store
-from textnlp_jobs.settings import Settings
+from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
 
 ACTOR = "maintenance"
 VALIDATION_PROMPT = "Return the number of items that are waiting in the queue."
 VALIDATION_NEW_TOKENS = 16
 
 
-@dataclass(frozen=True)
-class Job:
-    """What a model task needs: the same fields as the maintenance registry's TaskContext."""
-
-    settings: Settings
-    session_factory: sessionmaker[Session]
-    dry_run: bool
-    log: logging.Logger
-
-
 # --- models.cleanup ----------------------------------------------------------------------------
-def cleanup(job: Job) -> dict[str, Any]:
+@maintenance_task("models.cleanup", schedule="0 3 * * *", time_limit_s=3600)
+def cleanup(job: TaskContext) -> dict[str, Any]:
     """Remove model versions unused for longer than TEXTNLP_MODEL_CLEANUP_DAYS that are neither
     pinned, nor promoted anywhere, nor loaded on a live worker; files and rows go together."""
     settings, factory = job.settings, job.session_factory
@@ -102,7 +90,8 @@ def _generation_check(name: str, version: ModelVersion) -> dict[str, Any]:
             "output_sha256": hashlib.sha256(",".join(map(str, result.token_ids)).encode()).hexdigest()}
 
 
-def validate(job: Job) -> dict[str, Any]:
+@maintenance_task("models.validate", schedule="0 4 * * *", time_limit_s=2 * 3600)
+def validate(job: TaskContext) -> dict[str, Any]:
     """Recompute every stored version's checksums (a changed or missing file marks it corrupt and
     fails the run), then load each promoted version on the CPU, run a short fixed generation and
     record load time, tokens/s and the output's hash."""
@@ -152,7 +141,8 @@ def validate(job: Job) -> dict[str, Any]:
 
 
 # --- models.quantize ---------------------------------------------------------------------------
-def quantize(job: Job, *, batches: tuple[int, ...] | None = None, repeats: int | None = None,
+@maintenance_task("models.quantize", schedule="0 2 * * 0", time_limit_s=4 * 3600, heavy=True)
+def quantize(job: TaskContext, *, batches: tuple[int, ...] | None = None, repeats: int | None = None,
              damage: Any = None) -> dict[str, Any]:
     """Build an int8 variant of the serving version of every eligible model that has none, on the
     CPU; register it only if it passes the gate against its source (perplexity, speed, size),

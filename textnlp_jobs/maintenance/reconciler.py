@@ -11,11 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from textnlp_jobs.constants import RECONCILE_TASK
 from textnlp_jobs.db import repository as repo
+from textnlp_jobs.maintenance.live_messages import live_job_ids
+from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
 from textnlp_jobs.metrics import registry as metrics
+from textnlp_jobs.publish import publish_and_mark
 from textnlp_jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,3 +74,16 @@ def reconcile(settings: Settings, factory: sessionmaker[Session], publish: Publi
     log.info("reconciled expired=%d buried=%d rescued=%d republished=%d dry_run=%s",
              report.expired, report.buried, report.rescued, report.republished, dry_run)
     return report
+
+
+@maintenance_task(RECONCILE_TASK, schedule="*/5 * * * *", time_limit_s=240)
+def reconcile_task(ctx: TaskContext) -> dict[str, Any]:
+    """Re-publish lost jobs, rescue stuck ones, expire overdue ones, bury poison ones."""
+    settings, factory = ctx.settings, ctx.session_factory
+    report = reconcile(
+        settings, factory,
+        publish=lambda routings: publish_and_mark(ctx.celery, settings, factory, routings),
+        live_ids=lambda: live_job_ids(settings, fresh_seconds=settings.lease_seconds),
+        dry_run=ctx.dry_run,
+    )
+    return report.as_dict()
