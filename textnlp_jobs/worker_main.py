@@ -92,18 +92,29 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
 
     from textnlp_jobs.celery_app import app
     from textnlp_jobs.db.session import session_factory
-    from textnlp_jobs.inference.device import DeviceRuntime, load_engines
+    from textnlp_jobs.inference.device import DeviceRuntime, load_engine, load_resolved
+    from textnlp_jobs.inference.versions import ModelWatcher
     from textnlp_jobs.publish import publish_and_mark
     from textnlp_jobs.tasks import generation
 
-    names = list(models or settings.models_for_device(str(dev)))
+    references = list(models or settings.models_for_device(str(dev)))  # "small" or "small@int8"
     factory = session_factory(settings)
-    engines = load_engines(settings, factory, dev, names)
+    loaded = load_resolved(settings, factory, dev, references)
+    engines = {name: engine for name, (engine, _) in loaded.items()}
+    names = list(engines)
     queues = [generation_queue(m) for m in names] + [device_queue(settings.node_name, str(dev))]
     threads = concurrency or settings.worker_concurrency or 2 * max(settings.batching_for(m).max_batch for m in names)
-    runtime = DeviceRuntime(settings, factory, engines, worker_name=f"{settings.node_name}/{dev}",
+    worker_name = f"{settings.node_name}/{dev}"
+    runtime = DeviceRuntime(settings, factory, engines, worker_name=worker_name,
                             republish=lambda routings: publish_and_mark(app, settings, factory, routings))
     runtime.start()
+    runtime.watcher = ModelWatcher(
+        settings, factory, engines, dict(zip(names, references, strict=True)), worker=worker_name,
+        load=lambda resolved: load_engine(resolved, dev),
+        run_on_loop=lambda call: runtime.batcher.call_on_loop(call).result(timeout=settings.max_job_seconds))
+    for name, (_, resolved) in loaded.items():
+        runtime.watcher.loaded(name, resolved.version_id)
+    runtime.watcher.start()
     generation.install_runtime(runtime)
     log.info("device_worker_starting device=%s models=%s queues=%s threads=%d cuda_visible_devices=%s torch_device=%s",
              dev, names, queues, threads, os.environ.get("CUDA_VISIBLE_DEVICES"), dev.torch_device)

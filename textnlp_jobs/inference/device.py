@@ -29,6 +29,7 @@ from textnlp_jobs.errors import (
 from textnlp_jobs.inference import store
 from textnlp_jobs.inference.batcher import MicroBatcher, PendingJob
 from textnlp_jobs.inference.engine import Engine, EngineRequest, SamplingParams
+from textnlp_jobs.inference.versions import ModelWatcher
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.settings import Settings
 
@@ -62,16 +63,28 @@ class DeviceId:
 
 def load_engines(settings: Settings, factory: sessionmaker[Session], device: DeviceId,
                  models: Sequence[str]) -> dict[str, Engine]:
-    """Load every model placed on ``device`` once (``DeviceRuntime.start`` warms them up)."""
+    """Load every model placed on ``device`` once (``DeviceRuntime.start`` warms them up). A
+    placement reference ``small@int8`` loads that variant under the model's own name (``small``).
+    A corrupt version is refused here with a clear error (``ModelCorruptError``)."""
+    return {name: engine for name, (engine, _) in load_resolved(settings, factory, device, models).items()}
+
+
+def load_resolved(settings: Settings, factory: sessionmaker[Session], device: DeviceId,
+                  models: Sequence[str]) -> dict[str, tuple[Engine, store.ResolvedModel]]:
+    """``load_engines`` with the registry's answer for each model (its version's id)."""
+    loaded: dict[str, tuple[Engine, store.ResolvedModel]] = {}
+    for reference in models:
+        with factory() as session:
+            resolved = store.resolve(session, reference, settings.environment)
+        loaded[resolved.name] = (load_engine(resolved, device), resolved)
+        log.info("model_loaded model=%s version=%s device=%s", reference, resolved.version, device)
+    return loaded
+
+
+def load_engine(resolved: store.ResolvedModel, device: DeviceId) -> Engine:
     from textnlp_jobs.inference.engine import TransformersEngine
 
-    engines: dict[str, Engine] = {}
-    for name in models:
-        with factory() as session:
-            resolved = store.resolve(session, name)
-        engines[name] = TransformersEngine(name, resolved.version, resolved.path, device.torch_device)
-        log.info("model_loaded model=%s version=%s device=%s", name, resolved.version, device)
-    return engines
+    return TransformersEngine(resolved.name, resolved.version, resolved.path, device.torch_device)
 
 
 class DeviceRuntime:
@@ -86,6 +99,8 @@ class DeviceRuntime:
         self.republish = republish
         self.batcher = MicroBatcher(engines, settings.batching_for, drop_filter=self._drop_filter,
                                     name=worker_name)
+        # Set by the worker: switches versions on promotion and records loads and use (versions.py).
+        self.watcher: ModelWatcher | None = None
 
     def start(self) -> None:
         """Start the batching loop and warm every model up on it, before any job arrives."""
@@ -96,6 +111,8 @@ class DeviceRuntime:
                 self.batcher.call_on_loop(warm_up).result(timeout=self.settings.max_job_seconds)
 
     def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.batcher.stop()
 
     def run_job(self, job_id: uuid.UUID) -> str:
@@ -133,6 +150,8 @@ class DeviceRuntime:
             log.info("result_discarded job=%s attempt=%d", job.id, job.attempt)
             return "discarded"
         metrics.JOBS_FINISHED.labels(job.model, "succeeded").inc()
+        if self.watcher is not None:
+            self.watcher.used(job.model)
         return "succeeded"
 
     def _request_for(self, job: repo.ClaimedJob) -> EngineRequest:
