@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from textnlp_jobs.client import Client
-from textnlp_jobs.db.models import ModelLoad, ModelVersion
+from textnlp_jobs.db.models import ModelLoad
 from textnlp_jobs.db.session import session_factory
 from textnlp_jobs.inference import registry
 from textnlp_jobs.local_stack import LocalStack
@@ -94,7 +94,7 @@ def test_promote_then_roll_back_while_jobs_run_switches_versions_without_a_faile
     assert set(versions) == {first, second}  # every row names the version that produced it
     assert set(versions[settled + 2:]) <= {first}  # after the rollback settled, only the old version serves
     with factory() as session:
-        row = session.execute(select(ModelVersion).where(ModelVersion.version == first)).scalar_one()
+        row = registry.get_version(session, "life", first)[1]
         assert row.last_used_at is not None  # recorded by the worker's heartbeat, not per job
         loads = session.execute(select(ModelLoad.model_version_id)).scalars().all()
         assert row.id in loads
@@ -116,3 +116,25 @@ def test_a_worker_refuses_to_load_a_version_that_validation_found_corrupt(
     assert worker.process is not None
     assert worker.process.wait(180) != 0
     assert f"model 'flip' version {done.version} is corrupt and is not served" in worker.log_tail(80)
+
+
+def test_an_int8_variant_asked_for_by_placement_serves_jobs_in_a_fresh_worker(
+        stack: LocalStack, tiny_model: Path, tmp_path: Path) -> None:
+    from textnlp_jobs.maintenance import models as tasks
+
+    from .test_model_maintenance import job
+
+    settings = stack.settings(quantize_min_speedup=0.0)  # tiny gains no speed; the other rules still hold
+    factory = session_factory(settings)
+    registry.register_directory(settings, factory, Path(shutil.copytree(tiny_model, tmp_path / "q")), "qtiny")
+    with factory.begin() as session:
+        registry.set_quantize_eligible(session, "qtiny", True)
+    (built,) = tasks.quantize(job((settings, factory)), batches=(1,), repeats=1)["built"]
+    worker = stack.device_worker("cpu.0", extra_env={"TEXTNLP_PLACEMENT": json.dumps({"*": ["qtiny@int8"]})})
+    worker.start()
+    client = Client(settings)
+    jobs = client.submit_many([{"prompt": p, "model": "qtiny", "max_new_tokens": 6} for p in PROMPTS[:4]])
+    stack.wait_ready(worker_hostname(settings, "cpu.0"), timeout=180)
+    done = client.wait([j.id for j in jobs], timeout=180)
+    assert [j.status for j in done] == ["succeeded"] * 4, worker.log_tail()
+    assert {j.model_version for j in done} == {built["version"]}
