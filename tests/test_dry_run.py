@@ -38,11 +38,18 @@ def ledger_state(settings: Settings) -> dict[str, Any]:
     return state
 
 
+# Celery's remote-control replies (the dead-letter and binding checks ask workers which queues they
+# consume): kombu keeps the reply binding with an expiry of its own. Transport bookkeeping, not data.
+CONTROL_REPLY_KEYS = (b"_kombu.binding_deadlines", b"_kombu.binding.reply.celery.pidbox")
+
+
 def redis_state(client: redis.Redis) -> dict[bytes, Any]:
     """Every key with its type, and the content of everything that is not a plain cache string
     (read without touching the strings' idle time: TYPE does not count as an access)."""
     state: dict[bytes, Any] = {}
     for key in client.scan_iter(count=1000):
+        if key.startswith(CONTROL_REPLY_KEYS) or b"reply.celery.pidbox" in key:
+            continue
         kind = client.type(key)
         if kind == b"list":
             state[key] = client.lrange(key, 0, -1)

@@ -10,7 +10,7 @@ from celery.schedules import crontab
 
 from textnlp_jobs.celery_app import celery_config
 from textnlp_jobs.constants import MAINTENANCE_HEAVY_QUEUE, MAINTENANCE_QUEUE
-from textnlp_jobs.errors import ConfigurationError
+from textnlp_jobs.errors import ConfigurationError, UsageError
 from textnlp_jobs.maintenance import registry, schedule
 from textnlp_jobs.maintenance.database import HOT_INDEXES, HOT_TABLES, _quoted
 from textnlp_jobs.settings import Settings
@@ -73,7 +73,7 @@ def test_a_wrong_schedule_setting_is_a_configuration_error(tmp_path: Path, bad: 
 
 
 def test_an_unknown_task_is_refused_by_name() -> None:
-    with pytest.raises(ConfigurationError, match=r"db\.retention"):
+    with pytest.raises(UsageError, match=r"db\.retention"):
         registry.get_task("db.retentoin")
 
 

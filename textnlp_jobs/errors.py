@@ -55,6 +55,13 @@ class ErrorCode(enum.StrEnum):
     JOB_CANCELLED = "job.cancelled"
     JOB_EXPIRED = "job.expired"
     JOB_MAX_ATTEMPTS = "job.max_attempts"
+    JOBS_NOT_REQUEUEABLE = "jobs.not_requeueable"
+    # A job whose queue no worker consumed (moved to textnlp.dead_letter by queues.dead_letter).
+    QUEUE_NO_CONSUMER = "queue.no_consumer"
+
+    # Maintenance.
+    MAINTENANCE_UNKNOWN_TASK = "maintenance.unknown_task"
+    ARCHIVE_INVALID = "archive.invalid"
 
     # Configuration and the command line.
     CONFIG_INVALID = "config.invalid"
@@ -162,6 +169,12 @@ class LedgerNotMigratedError(TextNLPError):
     """The ledger's schema is missing or older than this code; run ``textnlp-jobs db upgrade``."""
 
     code = ErrorCode.LEDGER_NOT_MIGRATED
+
+
+class ArchiveError(TextNLPError):
+    """A retention archive is missing, unreadable, or does not match its manifest."""
+
+    code = ErrorCode.ARCHIVE_INVALID
 
 
 class ModelStoreError(TextNLPError):

@@ -55,7 +55,7 @@ def maintenance_worker_command(*, loglevel: str = "INFO", concurrency: int | Non
 
 
 def beat_command(settings: Settings, *, loglevel: str = "INFO") -> list[str]:
-    """The command line of Celery beat (RedBeat on Redis, a state file in the home when embedded)."""
+    """The command line of Celery beat: RedBeat on Redis, a schedule file in the home when embedded."""
     from textnlp_jobs.maintenance.schedule import beat_arguments
     from textnlp_jobs.worker_main import quiet_flags
 

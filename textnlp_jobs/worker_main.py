@@ -61,9 +61,9 @@ def worker_hostname(settings: Settings, device: str) -> str:
     return f"gen-{device.replace('.', '')}@{settings.node_name}"
 
 
-def maintenance_hostname(settings: Settings) -> str:
-    """The Celery hostname of this node's maintenance worker."""
-    return f"maintenance@{settings.node_name}"
+def maintenance_hostname(settings: Settings, kind: str = "light") -> str:
+    """The Celery hostname of this node's light (or heavy) maintenance worker."""
+    return f"maintenance@{settings.node_name}" if kind == "light" else f"maintenance-{kind}@{settings.node_name}"
 
 
 def run_device_worker(device: str, models: Sequence[str] | None = None, *, concurrency: int | None = None,
@@ -129,19 +129,23 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         runtime.stop()
 
 
-def run_maintenance_worker(*, loglevel: str = "INFO", only: str | None = None,
-                           concurrency: int | None = None) -> None:
-    """The maintenance worker: a light and a heavy Celery worker (``maintenance.worker``), both
-    supervised from this process, or ``only`` one of them in this process."""
-    from textnlp_jobs.maintenance.worker import run_both, run_one
+def run_maintenance_worker(*, loglevel: str = "INFO", concurrency: int | None = None, only: str | None = None) -> None:
+    """The maintenance worker. ``only="light"`` consumes ``textnlp.maintenance`` (reconcile, health,
+    cache), ``only="heavy"`` ``textnlp.maintenance.heavy`` (retention, vacuum, reindex); with neither
+    it runs both as two supervised processes, so a long heavy task never holds a light task's thread."""
+    from textnlp_jobs.maintenance import worker
 
-    if only == "light":
-        run_one("light", loglevel=loglevel, concurrency=concurrency)
-        return
-    if only == "heavy":
-        run_one("heavy", loglevel=loglevel, concurrency=concurrency)
-        return
-    sys.exit(run_both(loglevel=loglevel))
+    if only is None:
+        sys.exit(worker.run_both(loglevel=loglevel))
+    from textnlp_jobs.celery_app import app
+
+    queue, threads = worker.queue_and_threads(only)
+    settings = get_settings()
+    app.worker_main([
+        *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={concurrency or threads}",
+        f"--queues={queue}", f"--hostname={maintenance_hostname(settings, only)}", f"--loglevel={loglevel}",
+        "--without-gossip", "--without-mingle",
+    ])
 
 
 def quiet_flags(loglevel: str) -> list[str]:
@@ -174,14 +178,14 @@ def device_main(argv: Sequence[str] | None = None) -> None:
 
 def maintenance_main(argv: Sequence[str] | None = None) -> None:
     """Command line of the maintenance worker."""
-    parser = argparse.ArgumentParser(description="The maintenance worker (textnlp.maintenance and "
-                                                 "textnlp.maintenance.heavy, one process each).")
+    parser = argparse.ArgumentParser(description="The maintenance worker: textnlp.maintenance (light) and "
+                                                 "textnlp.maintenance.heavy, each in its own process.")
     parser.add_argument("--loglevel", default=os.environ.get("TEXTNLP_LOGLEVEL", "INFO"))
-    parser.add_argument("--only", choices=["light", "heavy"], default=None)
-    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--concurrency", type=int, default=None, help="threads (with --only)")
+    parser.add_argument("--only", choices=["light", "heavy"], default=None, help="run one of the two here")
     args = parser.parse_args(argv)
     try:
-        run_maintenance_worker(loglevel=args.loglevel, only=args.only, concurrency=args.concurrency)
+        run_maintenance_worker(loglevel=args.loglevel, concurrency=args.concurrency, only=args.only)
     except TextNLPError as error:
         _fail(error)
 

@@ -1,7 +1,6 @@
 """The maintenance worker (the code is ``textnlp_jobs.worker_main``).
 
-    python -m workers.maintenance                 # both, supervised
-    python -m workers.maintenance --only heavy    # one of them
+    python -m workers.maintenance
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from textnlp_jobs.cli.base import db_app, emit, say
+from textnlp_jobs.cli.base import JsonOption, db_app, emit, ensure_ledger, say
 from textnlp_jobs.settings import get_settings
 
 
@@ -35,13 +35,13 @@ db_app.add_typer(archive_app, name="archive")
 
 
 @archive_app.command("restore")
-def db_archive_restore(file: Annotated[Path, typer.Argument(help="A generations-<day>.jsonl.gz archive.")]) -> None:
+def db_archive_restore(file: Annotated[Path, typer.Argument(help="A generations-<day>.jsonl.gz archive.")],
+                       as_json: JsonOption = False) -> None:
     """Load an archive back into the ledger (for audits), after checking its sha256 and row count
     against its manifest. Rows already present are left as they are."""
-    from textnlp_jobs.cli.base import ensure_ledger
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.maintenance.archive import restore
 
     settings = get_settings()
     ensure_ledger(settings)
-    emit(restore(session_factory(settings), file), as_json=False)
+    emit(restore(session_factory(settings), file), as_json=as_json)

@@ -187,5 +187,5 @@ def jobs_requeue(
 
     settings = get_settings()
     ensure_ledger(settings)
-    emit(requeue(settings, session_factory(settings), create_app(settings), status=status_filter,
-                          model=model, dry_run=dry_run), as_json=as_json)
+    emit(requeue(settings, session_factory(settings), create_app(settings), status=status_filter, model=model,
+                 dry_run=dry_run), as_json=as_json)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from textnlp_jobs.cli.base import console, ensure_ledger, maintenance_app
+from textnlp_jobs.cli.base import JsonOption, emit, ensure_ledger, maintenance_app
 from textnlp_jobs.settings import get_settings
 
 
@@ -18,7 +18,7 @@ def _when(moment: datetime | None) -> str:
 
 
 @maintenance_app.command("list")
-def maintenance_list() -> None:
+def maintenance_list(as_json: JsonOption = False) -> None:
     """Every maintenance task: queue, schedule (UTC), next run, last run and its status."""
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.maintenance.history import task_statuses
@@ -31,13 +31,14 @@ def maintenance_list() -> None:
     for row in rows:
         table.add_row(row.name, row.queue, row.schedule, _when(row.next_run), _when(row.last_run),
                       row.last_status or "-")
-    console.print(table)
+    emit(rows, as_json=as_json, render=table)
 
 
 @maintenance_app.command("history")
 def maintenance_history(
     task: Annotated[str | None, typer.Option("--task", help="Only this task.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs.")] = 20,
+    as_json: JsonOption = False,
 ) -> None:
     """The newest maintenance runs (from the maintenance_runs table), newest first."""
     from textnlp_jobs.db.session import session_factory
@@ -57,11 +58,12 @@ def maintenance_history(
                             default=str)
         table.add_row(str(run.id), run.task, run.status, "yes" if run.dry_run else "", _when(run.started_at),
                       seconds, result[:120])
-    console.print(table)
+    emit(runs, as_json=as_json, render=table)
 
 
 @maintenance_app.command("run")
-def maintenance_run(task: str, dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
+def maintenance_run(task: str, dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+                    as_json: JsonOption = False) -> None:
     """Run one maintenance task now (e.g. db.retention), with the same lock beat uses; --dry-run
     reports what it would do and changes nothing. Exit 1 when another run holds the lock."""
     from textnlp_jobs.maintenance.runner import run_maintenance
@@ -69,6 +71,6 @@ def maintenance_run(task: str, dry_run: Annotated[bool, typer.Option("--dry-run"
     settings = get_settings()
     ensure_ledger(settings)
     result = run_maintenance(task, dry_run=dry_run, settings=settings)
-    console.print(result)
+    emit(result, as_json=as_json)
     if result.get("status") == "locked":
         raise typer.Exit(1)

@@ -53,8 +53,9 @@ def worker(
 
 @app.command()
 def beat(loglevel: Annotated[str, typer.Option(envvar="TEXTNLP_LOGLEVEL")] = "INFO") -> None:
-    """Run Celery beat, which sends the maintenance schedule. On Redis it uses RedBeat: a second
-    beat waits on the lock and sends nothing. Embedded, its state file is under TEXTNLP_HOME."""
+    """Run Celery beat, which sends the maintenance schedule. Runs until stopped. On Redis it uses
+    RedBeat: a second beat waits on the lock and sends nothing. Embedded, its state file is under
+    TEXTNLP_HOME."""
     from textnlp_jobs.celery_app import app as celery
     from textnlp_jobs.maintenance.schedule import beat_arguments
     from textnlp_jobs.worker_main import quiet_flags

@@ -22,20 +22,16 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from textnlp_jobs.db.models import Generation, Prompt
-from textnlp_jobs.errors import TextNLPError
+from textnlp_jobs.db.models import Generation, Prompt, UTCDateTime
+from textnlp_jobs.errors import ArchiveError
+
+__all__ = ["ArchiveError", "ArchiveFile", "read_rows", "restore", "verify", "write"]
 
 FORMAT = 1
 # Archived columns of a generation; the prompt's own columns ride along under "prompt".
 GENERATION_COLUMNS: tuple[str, ...] = tuple(c.name for c in Generation.__table__.columns)
 PROMPT_COLUMNS: tuple[str, ...] = tuple(c.name for c in Prompt.__table__.columns)
 _UUID_COLUMNS = {"id", "prompt_id"}
-
-
-class ArchiveError(TextNLPError):
-    """An archive file is missing, unreadable, or does not match its manifest."""
-
-    code = "archive.invalid"
 
 
 @dataclass(frozen=True)
@@ -62,11 +58,12 @@ def manifest_path(path: Path) -> Path:
 
 
 def _encode(value: Any) -> Any:
+    """JSON for what the ledger holds beyond JSON's own types."""
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, datetime | date):
         return value.isoformat()
-    return value
+    raise TypeError(f"cannot archive a {type(value).__name__}")
 
 
 def _file_sha256(path: Path) -> str:
@@ -98,8 +95,8 @@ def write(folder: Path, table: str, day: date, rows: Iterable[Mapping[str, Any]]
     count = 0
     with partial.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) as handle:
         for row in rows:
-            handle.write(json.dumps({k: _encode(v) for k, v in row.items()}, separators=(",", ":"),
-                                    ensure_ascii=False).encode("utf-8"))
+            handle.write(json.dumps(row, default=_encode, separators=(",", ":"), ensure_ascii=False)
+                         .encode("utf-8"))
             handle.write(b"\n")
             count += 1
         handle.flush()
@@ -150,8 +147,7 @@ def _decode(columns: Iterable[str], row: Mapping[str, Any], table: Any) -> dict[
         value = row.get(name)
         if value is not None and name in _UUID_COLUMNS:
             value = uuid.UUID(value)
-        elif value is not None and isinstance(table.c[name].type.python_type, type) and \
-                table.c[name].type.python_type is datetime:
+        elif value is not None and isinstance(table.c[name].type, UTCDateTime):
             value = datetime.fromisoformat(value)
         out[name] = value
     return out

@@ -70,13 +70,20 @@ def idle_keys_without_ttl(client: redis.Redis, idle_seconds: float, *, prefixes:
             keys = [k for k in map(as_bytes, keys) if not k.startswith(NEVER_EXPIRE)]
             counts["scanned"] += len(keys)
             if keys:
+                # Two pipelined rounds per page: every key's TTL, then the idle time of those with none.
                 with client.pipeline(transaction=False) as pipe:
                     for key in keys:
                         pipe.ttl(key)
-                        pipe.object("idletime", key)
-                    replies = pipe.execute(raise_on_error=False)
-                stale = [key for key, ttl, idle in zip(keys, replies[::2], replies[1::2], strict=True)
-                         if ttl == -1 and isinstance(idle, int) and idle > idle_seconds]
+                    no_ttl = [key for key, ttl in zip(keys, pipe.execute(raise_on_error=False), strict=True)
+                              if ttl == -1]
+                stale = []
+                if no_ttl:
+                    with client.pipeline(transaction=False) as pipe:
+                        for key in no_ttl:
+                            pipe.object("idletime", key)
+                        idle_times = pipe.execute(raise_on_error=False)
+                    stale = [key for key, idle in zip(no_ttl, idle_times, strict=True)
+                             if isinstance(idle, int) and idle > idle_seconds]
                 counts["candidates"] += len(stale)
                 if stale and delete:
                     counts["removed"] += int(unlink(keys=stale, args=[int(idle_seconds)]))

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from textnlp_jobs.db.models import FINAL_STATUSES, AuditLog, Generation, MaintenanceRun, Prompt, utcnow
 from textnlp_jobs.maintenance import archive
 from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
+from textnlp_jobs.metrics.maintenance import record_table_report
 
 # The tables and indexes that take the job traffic. Fixed: no name here ever comes from input.
 HOT_TABLES: tuple[str, ...] = ("generations", "prompts", "audit_logs", "maintenance_runs")
@@ -164,12 +165,19 @@ def _mark_archived(ids: Sequence[uuid.UUID]) -> Callable[[Session], int]:
     return work
 
 
-def _delete_archived_generations(session: Session, cutoff: datetime, limit: int, stats: BatchStats) -> int:
+def _delete_archived_generations(session: Session, cutoff: datetime, limit: int, stats: BatchStats,
+                                 position: list[datetime]) -> int:
+    """One batch, oldest first. ``position`` carries this batch's oldest ``created_at``: everything
+    older is gone, so the next batch starts there instead of stepping over the index entries of all
+    the rows deleted before (and a batch rolled back by a lock timeout is simply met again)."""
     g = Generation
-    rows = session.execute(select(g.id, g.prompt_id).where(_expired_generations(cutoff), g.archived.is_(True))
-                           .limit(limit)).all()
+    rows = session.execute(select(g.id, g.prompt_id, g.created_at)
+                           .where(_expired_generations(cutoff), g.archived.is_(True),
+                                  *([g.created_at >= position[0]] if position else []))
+                           .order_by(g.created_at).limit(limit)).all()
     if not rows:
         return 0
+    position[:] = [rows[0].created_at]
     ids = [r.id for r in rows]
     deleted = int(session.execute(
         delete(g).where(g.id.in_(ids), g.archived.is_(True), g.status.in_(FINAL_STATUSES)),
@@ -261,8 +269,9 @@ def retention(ctx: TaskContext) -> dict[str, Any]:
     started = time.monotonic()
     stats = BatchStats()
     archives = archive_expired(ctx, cut.generations, folder, stats)
-    while _batch(ctx.session_factory, ctx, stats,
-                 lambda s: _delete_archived_generations(s, cut.generations, ctx.settings.retention_batch, stats)):
+    position: list[datetime] = []
+    while _batch(ctx.session_factory, ctx, stats, lambda s: _delete_archived_generations(
+            s, cut.generations, ctx.settings.retention_batch, stats, position)):
         pass
     _delete_orphan_prompts(ctx, cut.orphan_prompts, stats)
     _delete_older(ctx, "audit_logs", AuditLog.at, AuditLog.id, cut.audit_logs, stats)
@@ -335,6 +344,7 @@ def vacuum(ctx: TaskContext) -> dict[str, Any]:
                 return {"database": before, "would_run": ["VACUUM", "ANALYZE", "PRAGMA optimize"]}
             for statement in ("VACUUM", "ANALYZE", "PRAGMA optimize"):
                 connection.execute(text(statement))
+            record_table_report("sqlite", before["size_bytes"], None, before["bloat_ratio"])
             return {"database": before, "after": _sqlite_report(connection),
                     "ran": ["VACUUM", "ANALYZE", "PRAGMA optimize"]}
         tables = _pg_table_report(connection)
@@ -349,6 +359,7 @@ def vacuum(ctx: TaskContext) -> dict[str, Any]:
         for name, entry in tables.items():
             entry["dead_tuples_after"] = after.get(name, {}).get("dead_tuples")
             entry["vacuum_seconds"] = seconds.get(name)
+            record_table_report(name, entry["size_bytes"], entry["dead_tuples"], entry["bloat_ratio"])
         return {"tables": tables}
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from textnlp_jobs.constants import DEAD_LETTER_QUEUE, DEVICE_QUEUE_PREFIX, GENERATION_QUEUE_PREFIX
 from textnlp_jobs.db.models import AuditLog, Generation, JobStatus, utcnow
 from textnlp_jobs.db.repository import Routing
+from textnlp_jobs.errors import ErrorCode, UsageError
 from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task, skipped
 from textnlp_jobs.settings import Settings
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     import redis
     from celery import Celery
 
-NO_CONSUMER = "queue.no_consumer"
+NO_CONSUMER = ErrorCode.QUEUE_NO_CONSUMER
 JOB_QUEUE_PREFIXES = (GENERATION_QUEUE_PREFIX, DEVICE_QUEUE_PREFIX)
 # kombu's Redis transport keeps priority levels of a queue in lists named "<queue>\x06\x16<n>".
 PRIORITY_SEPARATOR = "\x06\x16"
@@ -168,12 +169,11 @@ def requeue(settings: Settings, factory: sessionmaker[Session], celery: Celery, 
             model: str | None = None, limit: int = 100_000, dry_run: bool = False) -> dict[str, Any]:
     """Send jobs in ``status`` (dead by default) back to their queues with a new attempt budget, and
     drop their messages from ``textnlp.dead_letter``. Returns how many and which models."""
-    from textnlp_jobs.errors import ConfigurationError
     from textnlp_jobs.publish import publish_and_mark
 
     if status not in REQUEUEABLE:
-        raise ConfigurationError(f"only {', '.join(REQUEUEABLE)} jobs can be requeued, not {status!r}",
-                                 code="jobs.not_requeueable")
+        raise UsageError(f"only {', '.join(REQUEUEABLE)} jobs can be requeued, not {status!r}",
+                         code=ErrorCode.JOBS_NOT_REQUEUEABLE)
     g = Generation
     with factory() as session:
         query = select(g.id, g.model, g.device, g.priority).where(g.status == status)

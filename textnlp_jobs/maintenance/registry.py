@@ -105,12 +105,12 @@ def load_tasks() -> dict[str, MaintenanceTask]:
 
 def get_task(name: str) -> MaintenanceTask:
     """The task called ``name``; a ConfigurationError naming the known ones if there is none."""
-    from textnlp_jobs.errors import ConfigurationError
+    from textnlp_jobs.errors import ErrorCode, UsageError
 
     tasks = load_tasks()
     if name not in tasks:
-        raise ConfigurationError(f"unknown maintenance task {name!r} (known: {', '.join(tasks)})",
-                                 code="maintenance.unknown_task")
+        raise UsageError(f"unknown maintenance task {name!r} (known: {', '.join(tasks)})",
+                         code=ErrorCode.MAINTENANCE_UNKNOWN_TASK)
     return tasks[name]
 
 

@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 from celery.schedules import crontab
 
 from textnlp_jobs.constants import RECONCILE_TASK
-from textnlp_jobs.errors import ConfigurationError
+from textnlp_jobs.errors import ConfigurationError, ErrorCode
 from textnlp_jobs.maintenance.registry import MaintenanceTask, load_tasks
 from textnlp_jobs.settings import Settings
 
@@ -44,7 +44,7 @@ def schedules(settings: Settings, tasks: dict[str, MaintenanceTask] | None = Non
     unknown = set(settings.schedule) - set(tasks)
     if unknown:
         raise ConfigurationError(f"TEXTNLP_SCHEDULE names unknown task(s): {', '.join(sorted(unknown))} "
-                                 f"(known: {', '.join(tasks)})", code="maintenance.unknown_task")
+                                 f"(known: {', '.join(tasks)})", code=ErrorCode.MAINTENANCE_UNKNOWN_TASK)
     out: dict[str, Schedule | None] = {}
     for name, task in tasks.items():
         value: str | float = settings.schedule.get(name, task.schedule)

@@ -1,9 +1,9 @@
-"""The maintenance worker: two Celery worker processes, so a long task never starves a short one.
+"""The maintenance worker's two halves, each its own Celery worker process.
 
 ``light`` consumes ``textnlp.maintenance`` (reconcile, health, cache: minutes apart, seconds long);
 ``heavy`` consumes ``textnlp.maintenance.heavy`` (retention, vacuum, reindex, quantization: hours
-long). Separate processes rather than one pool: a heavy task holding every thread (or the GIL in a
-long loop) of a shared pool would delay the 5-minute reconciler.
+long). Separate processes rather than one pool: a heavy task holding the pool's threads (or the
+GIL in a long Python loop) would delay the 5-minute reconciler.
 """
 
 from __future__ import annotations
@@ -12,36 +12,23 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Literal
+from typing import Any
 
 from textnlp_jobs.constants import MAINTENANCE_HEAVY_QUEUE, MAINTENANCE_QUEUE
-from textnlp_jobs.settings import get_settings
 
-Kind = Literal["light", "heavy"]
-KINDS: dict[Kind, tuple[str, str, int]] = {
-    # kind: (queue, hostname prefix, threads)
-    "light": (MAINTENANCE_QUEUE, "maintenance", 2),
-    "heavy": (MAINTENANCE_HEAVY_QUEUE, "maintenance-heavy", 1),
+# kind: (queue, threads)
+KINDS: dict[str, tuple[str, int]] = {
+    "light": (MAINTENANCE_QUEUE, 2),
+    "heavy": (MAINTENANCE_HEAVY_QUEUE, 1),
 }
 
 
-def run_one(kind: Kind, *, loglevel: str = "INFO", concurrency: int | None = None) -> None:
-    """Run one maintenance worker in this process (blocks)."""
-    from textnlp_jobs.celery_app import app
-
-    queue, hostname, threads = KINDS[kind]
-    settings = get_settings()
-    from textnlp_jobs.worker_main import quiet_flags
-
-    app.worker_main([
-        *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={concurrency or threads}",
-        f"--queues={queue}",
-        f"--hostname={hostname}@{settings.node_name}", f"--loglevel={loglevel}",
-        "--without-gossip", "--without-mingle",
-    ])
+def queue_and_threads(kind: str) -> tuple[str, int]:
+    return KINDS[kind]
 
 
-def command(kind: Kind, loglevel: str) -> list[str]:
+def command(kind: str, loglevel: str) -> list[str]:
+    """The command line of one half."""
     return [sys.executable, "-m", "textnlp_jobs.worker_main", "maintenance", "--only", kind, "--loglevel", loglevel]
 
 

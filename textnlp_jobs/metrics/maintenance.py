@@ -30,3 +30,25 @@ def record_maintenance_run(task_name: str, status: str, duration_s: float) -> No
         MAINTENANCE_DURATION.labels(task_name).observe(duration_s)
     if status == "succeeded":
         MAINTENANCE_LAST_SUCCESS.labels(task_name).set(time.time())
+
+
+DB_TABLE_BYTES = Gauge(
+    "textnlp_db_table_size_bytes", "Size of a hot ledger table with its indexes, at the last db.vacuum.",
+    ["table"], registry=REGISTRY,
+)
+DB_DEAD_TUPLES = Gauge(
+    "textnlp_db_dead_tuples", "Dead tuples of a hot ledger table before the last db.vacuum.", ["table"],
+    registry=REGISTRY,
+)
+DB_BLOAT_RATIO = Gauge(
+    "textnlp_db_bloat_ratio", "Estimated reclaimable share of a hot ledger table (0..1), at the last db.vacuum.",
+    ["table"], registry=REGISTRY,
+)
+
+
+def record_table_report(table: str, size_bytes: int, dead_tuples: int | None, bloat_ratio: float) -> None:
+    """Export one table's line of the db.vacuum bloat report."""
+    DB_TABLE_BYTES.labels(table).set(size_bytes)
+    if dead_tuples is not None:
+        DB_DEAD_TUPLES.labels(table).set(dead_tuples)
+    DB_BLOAT_RATIO.labels(table).set(bloat_ratio)
