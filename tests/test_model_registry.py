@@ -220,3 +220,60 @@ def test_the_models_commands_register_list_promote_show_and_refuse_a_broken_dire
     break_weights(tiny_copy)
     broken = cli(home, "models", "register", str(tiny_copy), "--name", "broken")
     assert broken.returncode == 2 and "error models.invalid: missing weights: model.safetensors" in broken.stderr
+
+
+class FakeEngine:
+    def __init__(self, version: str) -> None:
+        self.model_version = version
+        self.warmed = False
+
+    def warm_up(self) -> None:
+        self.warmed = True
+
+
+def test_the_watcher_switches_to_a_promotion_records_loads_and_use_and_gives_up_on_a_version_that_fails(
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path) -> None:
+    from textnlp_jobs.db.models import ModelLoad
+    from textnlp_jobs.inference.versions import ModelWatcher
+
+    settings, factory = ledger
+    old = registry.register_directory(settings, factory, tiny_copy, "mine").version
+    new = registry.register_directory(settings, factory, variant(tiny_copy, "b"), "mine").version
+    with factory.begin() as session:
+        registry.promote(session, "mine", old, "production")
+        old_id = registry.get_version(session, "mine", old)[1].id
+        new_id = registry.get_version(session, "mine", new)[1].id
+    loads: list[str] = []
+
+    def load(resolved: object) -> FakeEngine:
+        version = resolved.version  # type: ignore[attr-defined]
+        loads.append(version)
+        if version == "broken":
+            raise RuntimeError("does not load")
+        return FakeEngine(version)
+
+    engines: dict[str, object] = {"mine": FakeEngine(old)}
+    watcher = ModelWatcher(settings, factory, engines, {"mine": "mine"}, worker="host/cpu.0", load=load,
+                           run_on_loop=lambda call: call())
+    watcher.loaded("mine", old_id)
+    watcher.heartbeat()
+    assert watcher.check() == []  # nothing changed
+    watcher.used("mine")
+    with factory.begin() as session:
+        registry.promote(session, "mine", new, "production")
+    assert watcher.check() == ["mine"]
+    assert engines["mine"].model_version == new and engines["mine"].warmed  # type: ignore[attr-defined]
+    watcher.heartbeat()
+    with factory() as session:
+        assert set(session.execute(select(ModelLoad.model_version_id)).scalars()) == {new_id}
+        assert registry.get_version(session, "mine", old)[1].last_used_at is not None
+        assert registry.get_version(session, "mine", new)[1].last_used_at is None
+    with factory.begin() as session:
+        registry.rollback(session, "mine", "production")
+    watcher.load = lambda resolved: load(type("R", (), {"version": "broken"})())
+    assert watcher.check() == [] and watcher.check() == []
+    assert loads.count("broken") == 1  # a version that failed to load is not retried every poll
+    assert engines["mine"].model_version == new  # type: ignore[attr-defined]
+    watcher.stop()
+    with factory() as session:
+        assert session.execute(select(ModelLoad)).first() is None

@@ -51,6 +51,7 @@ class ModelWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_heartbeat = 0.0
+        self._failed: dict[str, str] = {}  # model name -> version that would not load (not retried)
 
     def loaded(self, name: str, version_id: int | None) -> None:
         """Note what the worker loaded at start (before the watcher runs)."""
@@ -102,7 +103,14 @@ class ModelWatcher:
             current = self.engines.get(name)
             if current is not None and current.model_version == wanted.version:
                 continue
-            self.switch(name, wanted)
+            if self._failed.get(name) == wanted.version:  # tried and failed; wait for another promotion
+                continue
+            try:
+                self.switch(name, wanted)
+            except Exception:  # a version that does not load here: keep serving the one loaded
+                self._failed[name] = wanted.version
+                log.exception("model_switch_failed model=%s version=%s", name, wanted.version)
+                continue
             switched.append(name)
         return switched
 
