@@ -39,6 +39,7 @@ import threading
 import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,26 @@ def torch_device(device: str) -> str:
 
 # --- the limit: the engine alone -------------------------------------------------------------
 
-def run_direct(engine: Any, prompt_ids: list[list[int]], batch: int, max_new_tokens: int) -> dict[str, Any]:
+def make_limits(count: int, fixed: int, spread: tuple[int, int] | None, seed: int) -> list[int]:
+    """Each job's ``max_new_tokens``: ``fixed`` (uniform), or drawn in [lo, hi] with ``seed`` (mixed)."""
+    if spread is None:
+        return [fixed] * count
+    import random
+
+    draw = random.Random(seed)
+    return [draw.randint(spread[0], spread[1]) for _ in range(count)]
+
+
+def _direct_figures(jobs: int, tokens: int, wall: float, **extra: Any) -> dict[str, Any]:
+    return {"jobs": jobs, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "jobs_per_s": jobs / wall, "ms_per_job": 1000 * wall / jobs, **extra}
+
+
+def run_direct(engine: Any, prompt_ids: list[list[int]], batch: int, limits: list[int]) -> dict[str, Any]:
+    """Static batches: ``TransformersEngine.generate`` on ``batch`` jobs at a time, in order."""
     from textnlp_jobs.inference.engine import EngineRequest, SamplingParams
 
-    requests = [EngineRequest(ids, max_new_tokens, SamplingParams()) for ids in prompt_ids]
+    requests = [EngineRequest(ids, n, SamplingParams()) for ids, n in zip(prompt_ids, limits, strict=True)]
     engine.generate(requests[:batch])  # warm this batch shape (allocator, kernels)
     _synchronize(engine.device)
     tokens = 0
@@ -105,10 +122,79 @@ def run_direct(engine: Any, prompt_ids: list[list[int]], batch: int, max_new_tok
     for start in range(0, len(requests), batch):
         tokens += sum(r.tokens_generated for r in engine.generate(requests[start:start + batch]))
     _synchronize(engine.device)
-    wall = time.perf_counter() - started
-    return {"jobs": len(requests), "batch": batch, "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "jobs_per_s": len(requests) / wall,
-            "ms_per_job": 1000 * wall / len(requests)}
+    return _direct_figures(len(requests), tokens, time.perf_counter() - started, batch=batch, kind="static")
+
+
+def run_direct_continuous(engine: Any, prompt_ids: list[list[int]], batch: int, limits: list[int]) -> dict[str, Any]:
+    """This project's continuous decoder (``ContinuousBatcher``) fed every job at once."""
+    from textnlp_jobs.inference.continuous import ContinuousBatcher
+    from textnlp_jobs.inference.engine import EngineRequest, SamplingParams
+    from textnlp_jobs.settings import BatchingPolicy
+
+    requests = [EngineRequest(ids, n, SamplingParams()) for ids, n in zip(prompt_ids, limits, strict=True)]
+    batcher = ContinuousBatcher({engine.model_name: engine},
+                                lambda _: BatchingPolicy(max_batch=batch, max_wait_ms=MAX_WAIT_MS, mode="continuous"))
+    batcher.start()
+    try:
+        for future in [batcher.submit(i, engine.model_name, r) for i, r in enumerate(requests[:batch])]:
+            future.result()  # warm-up
+        _synchronize(engine.device)
+        started = time.perf_counter()
+        futures = [batcher.submit(i, engine.model_name, r) for i, r in enumerate(requests)]
+        tokens = sum(f.result().result.tokens_generated for f in futures)
+        _synchronize(engine.device)
+        wall = time.perf_counter() - started
+    finally:
+        batcher.stop()
+    return _direct_figures(len(requests), tokens, wall, batch=batch, kind="continuous")
+
+
+def run_direct_hf_continuous(engine: Any, prompt_ids: list[list[int]], limits: list[int],
+                             max_batch_tokens: int | None) -> dict[str, Any]:
+    """transformers' own ``ContinuousBatchingManager`` (``model.init_continuous_batching``) on the
+    same model object, greedy, per-request ``max_new_tokens``; ``max_batch_tokens`` sizes it."""
+    from transformers import GenerationConfig
+
+    config: dict[str, Any] = {}
+    try:
+        from transformers import ContinuousBatchingConfig  # type: ignore[attr-defined]
+
+        if max_batch_tokens:
+            config["continuous_batching_config"] = ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens)
+        generation = GenerationConfig(max_new_tokens=max(limits), do_sample=False, eos_token_id=engine.eos_id,
+                                      pad_token_id=engine.pad_id)
+    except ImportError:  # older transformers: the sizing lives on the generation config
+        generation = GenerationConfig(max_new_tokens=max(limits), do_sample=False, eos_token_id=engine.eos_id,
+                                      pad_token_id=engine.pad_id,
+                                      **({"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}))
+    manager = engine.model.init_continuous_batching(generation_config=generation, **config)
+    manager.start()
+    try:
+        def run(indices: range) -> int:
+            ids = {manager.add_request(prompt_ids[i], request_id=f"r{i}", max_new_tokens=limits[i]) for i in indices}
+            tokens = 0
+            give_up = time.monotonic() + 600
+            while ids:
+                result = manager.get_result(timeout=1.0)
+                if result is None:
+                    if not manager.is_running() or time.monotonic() > give_up:
+                        raise RuntimeError(f"continuous batching manager stopped with {len(ids)} requests left")
+                    continue
+                if result.request_id in ids and result.is_finished():
+                    ids.discard(result.request_id)
+                    generated = list(result.generated_tokens)
+                    tokens += len(generated) - (1 if generated and generated[-1] == engine.eos_id else 0)
+            return tokens
+
+        run(range(min(len(prompt_ids), 32)))  # warm-up
+        _synchronize(engine.device)
+        started = time.perf_counter()
+        tokens = run(range(len(prompt_ids)))
+        _synchronize(engine.device)
+        wall = time.perf_counter() - started
+    finally:
+        manager.stop(block=True)
+    return _direct_figures(len(prompt_ids), tokens, wall, kind="hf_continuous", max_batch_tokens=max_batch_tokens)
 
 
 def _synchronize(device: str) -> None:
@@ -124,7 +210,9 @@ class Stack:
     """A scratch ledger and broker, the model registered, and helpers to run one worker on it."""
 
     def __init__(self, exits: ExitStack, *, name: str, model_path: Path, device: str, embedded: bool,
-                 torch_threads: int | None, worker_concurrency: int | None) -> None:
+                 torch_threads: int | None, worker_concurrency: int | None,
+                 postgres: str = "postgresql+psycopg://postgres@127.0.0.1:5432",
+                 redis: str = "127.0.0.1:6379") -> None:
         from textnlp_jobs import local_stack
         from textnlp_jobs.client import Client
         from textnlp_jobs.db.migrate import upgrade
@@ -143,8 +231,9 @@ class Stack:
             "TEXTNLP_PLACEMENT": json.dumps({"*": [name]}),
         }
         if not embedded:
-            env["TEXTNLP_DATABASE_URL"] = exits.enter_context(local_stack.scratch_postgres())
-            env["TEXTNLP_BROKER_URL"] = exits.enter_context(local_stack.scratch_redis())
+            env["TEXTNLP_DATABASE_URL"] = exits.enter_context(local_stack.scratch_postgres(postgres))
+            host, _, port = redis.partition(":")
+            env["TEXTNLP_BROKER_URL"] = exits.enter_context(local_stack.scratch_redis(host, int(port or 6379)))
         exits.callback(dispose_engines)
         self.stack = local_stack.LocalStack(env, self.workdir)
         exits.callback(self.stack.stop_all)  # runs before the scratch database is dropped
@@ -155,10 +244,13 @@ class Stack:
         self.client = Client(self.settings)
         exits.callback(self.client.celery.close)
 
-    def start_worker(self, max_batch: int) -> Any:
+    def start_worker(self, max_batch: int, mode: str | None = None) -> Any:
         from workers.device import worker_hostname
 
-        batching = json.dumps({"*": {"max_batch": max_batch, "max_wait_ms": MAX_WAIT_MS}})
+        policy: dict[str, Any] = {"max_batch": max_batch, "max_wait_ms": MAX_WAIT_MS}
+        if mode:
+            policy["mode"] = mode
+        batching = json.dumps({"*": policy})
         args = ["--models", self.name]
         if self.torch_threads:
             args += ["--torch-threads", str(self.torch_threads)]
@@ -172,18 +264,20 @@ class Stack:
         except BaseException:
             worker.stop()
             raise
-        say(f"worker {self.device} max_batch={max_batch} ready in {time.perf_counter() - started:.1f}s "
+        say(f"worker {self.device} max_batch={max_batch} mode={mode or 'default'} "
+            f"ready in {time.perf_counter() - started:.1f}s "
             f"(pid {worker.process.pid if worker.process else None}, log {worker.log_path})")
         return worker
 
     def spec(self, prompt: str, max_new_tokens: int) -> dict[str, Any]:
         return {"prompt": prompt, "model": self.name, "max_new_tokens": max_new_tokens, "max_attempts": 1}
 
-    def run_all(self, prompts: list[str], max_new_tokens: int, timeout: float) -> dict[str, Any]:
-        """Submit every prompt at once, wait for all; figures from the ledger."""
+    def run_all(self, prompts: list[str], limits: list[int], timeout: float) -> dict[str, Any]:
+        """Submit every prompt at once (job i with ``limits[i]`` new tokens), wait for all; figures
+        from the ledger."""
         t_submit = datetime.now(UTC)
         started = time.perf_counter()
-        jobs = self.client.submit_many([self.spec(p, max_new_tokens) for p in prompts])
+        jobs = self.client.submit_many([self.spec(p, n) for p, n in zip(prompts, limits, strict=True)])
         submitted = time.perf_counter() - started
         done = self.client.wait([j.id for j in jobs], timeout=timeout, poll=0.02)
         client_wall = time.perf_counter() - started
@@ -332,22 +426,44 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     version, path = ensure_model(name)
     prompts = make_prompts(args.jobs)
     unbatched = prompts[: args.unbatched_jobs]
+    workloads = {"uniform": make_limits(args.jobs, args.max_new_tokens, None, args.seed)}
+    if args.max_new_tokens_range:
+        workloads["mixed"] = make_limits(args.jobs, args.max_new_tokens, args.max_new_tokens_range, args.seed)
     result: dict[str, Any] = {"model": name, "version": version, "jobs": args.jobs, "batch": args.batch,
-                              "unbatched_jobs": len(unbatched), "max_new_tokens": args.max_new_tokens}
+                              "batches": args.batches, "unbatched_jobs": len(unbatched),
+                              "max_new_tokens": args.max_new_tokens, "mode": args.mode,
+                              "max_new_tokens_range": args.max_new_tokens_range, "seed": args.seed,
+                              "workloads": {}}
+    from textnlp_jobs.settings import BatchingPolicy
 
-    # 1. The limit: the engine in this process, no ledger, no broker.
+    result["worker_kind"] = BatchingPolicy(mode=args.mode).mode_on(torch_device(args.device))
+
+    # 1. The limit: the engine in this process, no ledger, no broker; every direct kind, per workload.
     dev = torch_device(args.device)
     engine = TransformersEngine(name, version, path, dev)
     engine.warm_up()
     ids = [engine.tokenize(p) for p in prompts]
-    say(f"{name}: direct, {len(ids)} prompts in batches of {args.batch} on {dev}")
-    result["direct_batched"] = run_direct(engine, ids, args.batch, args.max_new_tokens)
-    say(f"{name}: direct batched {result['direct_batched']['tokens_per_s']:.1f} tok/s")
+    for workload, limits in workloads.items():
+        runs: list[dict[str, Any]] = []
+        for batch in args.batches:
+            say(f"{name}/{workload}: direct static, {len(ids)} prompts in batches of {batch} on {dev}")
+            runs.append(_attempt(partial(run_direct, engine, ids, batch, limits), "static", batch))
+        say(f"{name}/{workload}: direct continuous (this project's decoder), max_batch={args.batch}")
+        runs.append(_attempt(partial(run_direct_continuous, engine, ids, args.batch, limits), "continuous",
+                             args.batch))
+        for tokens in args.hf_max_batch_tokens:
+            say(f"{name}/{workload}: direct transformers ContinuousBatchingManager, "
+                f"max_batch_tokens={tokens or 'default'}")
+            runs.append(_attempt(partial(run_direct_hf_continuous, engine, ids, limits, tokens or None),
+                                 "hf_continuous", None))
+        for run in runs:
+            say(f"  {_label(run):<28} {_fmt(run.get('tokens_per_s'))} tok/s {run.get('error', '')}")
+        result["workloads"][workload] = {"direct": runs, "tokens_requested": sum(limits)}
     result["direct_unbatched"] = None
     if unbatched:
         say(f"{name}: direct, {len(unbatched)} prompts at batch 1")
-        result["direct_unbatched"] = run_direct(engine, ids[: len(unbatched)], 1, args.max_new_tokens)
-        say(f"{name}: direct batch-1 {result['direct_unbatched']['tokens_per_s']:.1f} tok/s")
+        result["direct_unbatched"] = run_direct(engine, ids[: len(unbatched)], 1,
+                                                workloads["uniform"][: len(unbatched)])
     if dev.startswith("cuda"):
         result["direct_peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     # The worker gets the device to itself: nothing of the direct run stays busy or resident.
@@ -358,31 +474,35 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     with ExitStack() as exits:
         stack = Stack(exits, name=name, model_path=path, device=args.device, embedded=args.embedded,
-                      torch_threads=args.torch_threads, worker_concurrency=args.worker_concurrency)
+                      torch_threads=args.torch_threads, worker_concurrency=args.worker_concurrency,
+                      postgres=args.postgres, redis=args.redis)
         mode = "embedded (SQLite + filesystem broker)" if args.embedded else "PostgreSQL + Redis"
         result["stack"] = mode
         say(f"{name}: scratch stack {mode}, workdir {stack.workdir}")
 
-        # 2. The system, batched.
-        worker = stack.start_worker(args.batch)
+        # 2. The system, one worker at max_batch=B, every workload on it.
+        worker = stack.start_worker(args.batch, args.mode)
         try:
-            timeout = 300 + 30 * result["direct_batched"]["wall_s"]
-            say(f"{name}: system, {len(prompts)} jobs, max_batch={args.batch}")
-            result["system_batched"] = stack.run_all(prompts, args.max_new_tokens, timeout)
-            say(f"{name}: system batched {_fmt(result['system_batched']['tokens_per_s'])} tok/s, "
-                f"mean batch {_fmt(result['system_batched']['mean_batch_size'])}")
+            for workload, limits in workloads.items():
+                direct_wall = max((r.get("wall_s") or 0) for r in result["workloads"][workload]["direct"])
+                timeout = 300 + 30 * direct_wall
+                say(f"{name}/{workload}: system, {len(prompts)} jobs, max_batch={args.batch}")
+                system = stack.run_all(prompts, limits, timeout)
+                result["workloads"][workload]["system"] = system
+                say(f"{name}/{workload}: system {_fmt(system['tokens_per_s'])} tok/s, "
+                    f"mean batch {_fmt(system['mean_batch_size'])}")
             memory = gpu_memory_by_pid()
             if memory and worker.process is not None:
                 result["worker_gpu_memory_mib"] = memory.get(worker.process.pid)
 
             # 3. Latency at a steady offered load under capacity, on the same worker.
-            capacity = result["system_batched"]["jobs_per_s"]
+            capacity = result["workloads"]["uniform"]["system"]["jobs_per_s"]
             if args.latency_seconds > 0 and capacity:
                 rate = args.load_fraction * capacity
                 say(f"{name}: latency, {rate:.1f} jobs/s ({args.load_fraction:.0%} of {capacity:.1f}) "
                     f"for {args.latency_seconds:.0f}s")
                 result["latency"] = stack.run_steady(prompts, args.max_new_tokens, rate, args.latency_seconds,
-                                                     args.submit_threads, timeout)
+                                                     args.submit_threads, 300)
                 say(f"{name}: latency p50 {_fmt(result['latency']['latency_p50_ms'])} ms, "
                     f"p95 {_fmt(result['latency']['latency_p95_ms'])} ms")
         except BaseException:
@@ -393,11 +513,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
         # 4. The system at max_batch=1.
         if unbatched:
-            worker = stack.start_worker(1)
+            worker = stack.start_worker(1, args.mode)
             try:
-                timeout = 300 + 30 * result["direct_unbatched"]["wall_s"]
                 say(f"{name}: system, {len(unbatched)} jobs, max_batch=1")
-                result["system_unbatched"] = stack.run_all(unbatched, args.max_new_tokens, timeout)
+                result["system_unbatched"] = stack.run_all(unbatched, workloads["uniform"][: len(unbatched)],
+                                                           300 + 30 * result["direct_unbatched"]["wall_s"])
                 say(f"{name}: system batch-1 {_fmt(result['system_unbatched']['tokens_per_s'])} tok/s")
             except BaseException:
                 say(f"worker log tail:\n{worker.log_tail()}")
@@ -409,23 +529,51 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _attempt(run: Any, kind: str, batch: int | None) -> dict[str, Any]:
+    """One direct run; a kind that fails here (out of memory, an API this transformers lacks) is
+    recorded with its error instead of ending the benchmark."""
+    try:
+        return dict(run())
+    except Exception as error:
+        say(f"  {kind} batch={batch}: failed: {type(error).__name__}: {str(error)[:300]}")
+        return {"kind": kind, "batch": batch, "error": f"{type(error).__name__}: {str(error)[:300]}",
+                "tokens_per_s": None}
+
+
+def _label(run: dict[str, Any]) -> str:
+    if run["kind"] == "hf_continuous":
+        return f"hf-continuous t={run.get('max_batch_tokens') or 'default'}"
+    return f"{run['kind']} B={run['batch']}"
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
 def derive(r: dict[str, Any]) -> None:
-    db, du = r["direct_batched"], r["direct_unbatched"]
-    sb, su = r.get("system_batched"), r.get("system_unbatched")
-    if sb:
-        r["system_vs_direct_batched"] = _ratio(sb["tokens_per_s"], db["tokens_per_s"])
-        r["overhead_ms_per_job_batched"] = sb["ms_per_job"] - db["ms_per_job"]
+    """Per workload: the best direct run, system ÷ best direct, and the system's work per job
+    beyond the engine's (system ms/job − ms/job of the direct run of the worker's own kind)."""
+    for figures in r["workloads"].values():
+        ok = [run for run in figures["direct"] if run.get("tokens_per_s")]
+        if not ok:
+            continue
+        best = max(ok, key=lambda run: run["tokens_per_s"])
+        figures["best_direct"] = {"label": _label(best), "tokens_per_s": best["tokens_per_s"]}
+        system = figures.get("system")
+        if not system:
+            continue
+        figures["system_vs_best_direct"] = _ratio(system["tokens_per_s"], best["tokens_per_s"])
+        same = [run for run in ok if run["kind"] == r["worker_kind"] and run["batch"] == r["batch"]]
+        if same:
+            figures["system_vs_same_direct"] = _ratio(system["tokens_per_s"], same[0]["tokens_per_s"])
+            figures["overhead_ms_per_job"] = system["ms_per_job"] - same[0]["ms_per_job"]
+        static = [run for run in ok if run["kind"] == "static" and run["batch"] == r["batch"]]
+        if static:
+            figures["system_vs_static_direct"] = _ratio(system["tokens_per_s"], static[0]["tokens_per_s"])
+    du, su = r.get("direct_unbatched"), r.get("system_unbatched")
     if su and du:
         r["system_vs_direct_unbatched"] = _ratio(su["tokens_per_s"], du["tokens_per_s"])
         r["overhead_ms_per_job_unbatched"] = su["ms_per_job"] - du["ms_per_job"]
-    if du:
-        r["batching_gain_direct"] = _ratio(db["tokens_per_s"], du["tokens_per_s"])
-    if sb and su:
-        r["batching_gain_system"] = _ratio(sb["tokens_per_s"], su["tokens_per_s"])
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -441,51 +589,80 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print(f"machine: {info['host']}  device {info['device']} = {info['device_name']}  "
           f"torch {info['torch']}  transformers {info['transformers']}  torch threads {info['torch_threads']}  "
           f"cpus {info['cpu_count']}  python {info['python']}")
+    header = f"{'run':<30}{'jobs':>6}{'tokens':>8}{'wall s':>9}{'tok/s':>11}{'jobs/s':>9}{'ms/job':>9}{'batch':>7}"
     for r in results:
-        print(f"\nmodel {r['model']} ({r['version']})  N={r['jobs']} B={r['batch']} M={r['unbatched_jobs']} "
-              f"max_new_tokens={r['max_new_tokens']}  stack: {r.get('stack', '-')}")
-        header = f"{'run':<24}{'jobs':>6}{'tokens':>8}{'wall s':>9}{'tok/s':>11}{'jobs/s':>9}{'ms/job':>9}{'batch':>7}"
-        print(header)
-        print("-" * len(header))
-        rows = [("direct  B", r["direct_batched"]), ("system  B", r.get("system_batched")),
-                ("direct  1", r["direct_unbatched"]), ("system  1", r.get("system_unbatched"))]
-        for label, row in rows:
-            if not row:
-                continue
-            batch = row.get("mean_batch_size", row.get("batch"))
-            print(f"{label:<24}{row['jobs']:>6}{row['tokens']:>8}{_fmt(row['wall_s'], 2):>9}"
-                  f"{_fmt(row['tokens_per_s']):>11}{_fmt(row['jobs_per_s']):>9}{_fmt(row['ms_per_job'], 2):>9}"
-                  f"{_fmt(batch):>7}")
-            if row.get("statuses") and set(row["statuses"]) != {"succeeded"}:
-                print(f"{'':<24}statuses {row['statuses']}  {row['errors']}")
-        print(f"system / direct, batched:         {_fmt(r.get('system_vs_direct_batched'), 3)}")
-        print(f"system / direct, batch 1:         {_fmt(r.get('system_vs_direct_unbatched'), 3)}")
-        print(f"batching gain, system (B vs 1):   {_fmt(r.get('batching_gain_system'), 2)}x")
-        print(f"batching gain, direct (B vs 1):   {_fmt(r.get('batching_gain_direct'), 2)}x")
-        print(f"system overhead per job, batched: {_fmt(r.get('overhead_ms_per_job_batched'), 2)} ms")
-        print(f"system overhead per job, batch 1: {_fmt(r.get('overhead_ms_per_job_unbatched'), 2)} ms")
+        print(f"\nmodel {r['model']} ({r['version']})  N={r['jobs']} worker max_batch={r['batch']} "
+              f"mode={r['worker_kind']}  stack: {r.get('stack', '-')}")
+        for workload, figures in r["workloads"].items():
+            low_high = r["max_new_tokens_range"] or (0, 0)
+            spread = (f"max_new_tokens {low_high[0]}:{low_high[1]} seed {r['seed']}"
+                      if workload == "mixed" else f"max_new_tokens {r['max_new_tokens']}")
+            print(f"\n  workload {workload} ({spread}, {figures['tokens_requested']} tokens asked)")
+            print("  " + header)
+            print("  " + "-" * len(header))
+            rows = [(f"direct {_label(run)}", run) for run in figures["direct"]]
+            rows.append(("system", figures.get("system")))
+            for label, row in rows:
+                if not row:
+                    continue
+                if row.get("error"):
+                    print(f"  {label:<30}failed: {row['error'][:80]}")
+                    continue
+                batch = row.get("mean_batch_size", row.get("batch"))
+                print(f"  {label:<30}{row['jobs']:>6}{row['tokens']:>8}{_fmt(row['wall_s'], 2):>9}"
+                      f"{_fmt(row['tokens_per_s']):>11}{_fmt(row['jobs_per_s']):>9}{_fmt(row['ms_per_job'], 2):>9}"
+                      f"{_fmt(batch):>7}")
+                if row.get("statuses") and set(row["statuses"]) != {"succeeded"}:
+                    print(f"  {'':<30}statuses {row['statuses']}  {row['errors']}")
+            best = figures.get("best_direct") or {}
+            print(f"  best direct: {best.get('label', '-')} {_fmt(best.get('tokens_per_s'))} tok/s")
+            print(f"  system / best direct ({workload}):        {_fmt(figures.get('system_vs_best_direct'), 3)}")
+            print(f"  system / direct of its own kind+batch:   {_fmt(figures.get('system_vs_same_direct'), 3)}")
+            static = _fmt(figures.get("system_vs_static_direct"), 3)
+            print(f"  system / direct static B={r['batch']}:            {static}")
+            print(f"  system overhead per job ({workload}):      {_fmt(figures.get('overhead_ms_per_job'), 2)} ms")
+        if r.get("system_unbatched"):
+            print(f"\n  batch 1: system / direct {_fmt(r.get('system_vs_direct_unbatched'), 3)}, "
+                  f"overhead {_fmt(r.get('overhead_ms_per_job_unbatched'), 2)} ms/job")
         lat = r.get("latency")
         if lat:
-            print(f"latency at {_fmt(lat['achieved_rate_jobs_per_s'])} jobs/s offered "
+            print(f"  latency at {_fmt(lat['achieved_rate_jobs_per_s'])} jobs/s offered "
                   f"(target {_fmt(lat['target_rate_jobs_per_s'])}, {lat['offered_jobs']} jobs): "
                   f"p50 {_fmt(lat['latency_p50_ms'])} ms  p95 {_fmt(lat['latency_p95_ms'])} ms  "
                   f"max {_fmt(lat['latency_max_ms'])} ms  mean batch {_fmt(lat['mean_batch_size'])}")
-            if set(lat["statuses"]) != {"succeeded"}:
-                print(f"  statuses {lat['statuses']}  {lat['errors']}")
         if r.get("worker_gpu_memory_mib") is not None:
-            print(f"worker GPU memory (nvidia-smi): {_fmt(r['worker_gpu_memory_mib'], 0)} MiB")
+            print(f"  worker GPU memory (nvidia-smi): {_fmt(r['worker_gpu_memory_mib'], 0)} MiB")
     print()
+    for r in results:
+        for workload, figures in r["workloads"].items():
+            ratio = _fmt(figures.get("system_vs_best_direct"), 3)
+            print(f"RATIO {r['model']} {workload}: system / best direct = {ratio}"
+                  f" (best: {(figures.get('best_direct') or {}).get('label', '-')}); overhead "
+                  f"{_fmt(figures.get('overhead_ms_per_job'), 2)} ms/job")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="demo, small or tiny; comma-separated for several")
     parser.add_argument("--jobs", type=int, default=256, help="N: jobs for the batched runs")
-    parser.add_argument("--batch", type=int, default=16, help="B: max_batch of the batched runs")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="B: the worker's max_batch (default: the largest of --batches)")
+    parser.add_argument("--batches", default="16", help="static direct batch sizes, comma-separated (e.g. 32,64,128)")
+    parser.add_argument("--mode", choices=["continuous", "static"], default=None,
+                        help="the worker's batching mode (default: the device's default)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens-range", default=None,
+                        help="LO:HI adds the mixed workload: each job's max_new_tokens drawn in [LO, HI]")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the mixed workload's draws")
+    parser.add_argument("--hf-max-batch-tokens", default="0",
+                        help="sizings of the transformers ContinuousBatchingManager baseline, comma-separated "
+                             "max_batch_tokens (0 = its default; empty skips it)")
     parser.add_argument("--device", default="cpu.0", help="cpu.0 or cuda.N")
     parser.add_argument("--embedded", action="store_true", help="SQLite + filesystem broker; no servers")
-    parser.add_argument("--unbatched-jobs", type=int, default=None, help="M: jobs at max_batch=1 (min(N,128))")
+    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432",
+                        help="PostgreSQL server for the scratch database")
+    parser.add_argument("--redis", default="127.0.0.1:6379", help="Redis server (host:port) for the scratch db number")
+    parser.add_argument("--unbatched-jobs", type=int, default=None, help="M: jobs at max_batch=1 (default 0: skipped)")
     parser.add_argument("--latency-seconds", type=float, default=15.0, help="steady-load run; 0 skips it")
     parser.add_argument("--load-fraction", type=float, default=0.5, help="offered load / batched capacity")
     parser.add_argument("--submit-threads", type=int, default=4, help="producer threads of the steady load")
@@ -494,8 +671,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-concurrency", type=int, default=None,
                         help="task threads of the batched worker (default: the worker's own, = max_batch)")
     args = parser.parse_args(argv)
+    args.batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+    if args.batch is None:
+        args.batch = max(args.batches)
+    args.hf_max_batch_tokens = [int(t) for t in args.hf_max_batch_tokens.split(",") if t.strip()]
+    if args.max_new_tokens_range:
+        low, _, high = args.max_new_tokens_range.partition(":")
+        args.max_new_tokens_range = (int(low), int(high or low))
     if args.unbatched_jobs is None:
-        args.unbatched_jobs = min(args.jobs, 128)
+        args.unbatched_jobs = 0
     args.unbatched_jobs = max(0, min(args.unbatched_jobs, args.jobs))
     if args.jobs < 1 or args.batch < 1:
         parser.error("--jobs and --batch must be at least 1")

@@ -38,7 +38,11 @@ def _unavailable(error: Exception) -> None:
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real demo model (and the tiny one), built once per test run, as the CLI builds them."""
+    """The real demo model (and the tiny one), built once per test run, as the CLI builds them.
+    TEXTNLP_TEST_MODEL_STORE names a store built earlier the same way, to skip the build."""
+    prebuilt = os.environ.get("TEXTNLP_TEST_MODEL_STORE")
+    if prebuilt and (Path(prebuilt) / "demo").is_dir():
+        return Path(prebuilt)
     root = tmp_path_factory.mktemp("model-store")
     for name in ("demo", "tiny"):
         store.build_into_store(root, name, lambda target, name=name: _build_cached(name, target))
@@ -133,7 +137,7 @@ def stack(migrated_pg: str, redis_url: str, model_store: Path, tmp_path: Path) -
     """PostgreSQL + Redis, clean at the start of every test; workers are stopped at its end."""
     engine = get_engine(local_stack.LocalStack({"TEXTNLP_DATABASE_URL": migrated_pg}, tmp_path).settings())
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE generations, prompts, audit_logs, maintenance_runs"))
+        connection.execute(text("TRUNCATE generations, prompts, audit_logs, maintenance_runs, device_workers"))
     import redis
 
     client = redis.Redis.from_url(redis_url)

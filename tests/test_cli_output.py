@@ -61,6 +61,9 @@ def test_json_output_of_submit_status_list_and_models_parses(embedded_stack: Loc
     assert [row["id"] for row in listing] == [job["id"]]
     models = json.loads(cli(embedded_stack, "models", "list", "--json").stdout)
     assert {"demo", "tiny"} <= {row["model"] for row in models}
+    cli(embedded_stack, "maintenance", "run", "jobs.reconcile", "--dry-run")
+    history = json.loads(cli(embedded_stack, "maintenance", "history", "--json").stdout)
+    assert history[0]["task"] == "jobs.reconcile" and history[0]["dry_run"] is True
 
 
 def test_tables_keep_full_ids_when_stdout_is_a_pipe(embedded_stack: LocalStack) -> None:
@@ -111,10 +114,16 @@ def test_an_unreachable_postgresql_is_one_line_without_the_password(embedded_sta
     assert "127.0.0.1:9" in done.stderr and "hunter2" not in done.stderr
 
 
-def test_an_unreachable_redis_is_one_line(embedded_stack: LocalStack) -> None:
+def test_an_unreachable_redis_at_submit_prints_the_id_a_one_line_warning_and_exits_3(
+    embedded_stack: LocalStack,
+) -> None:
+    # The job exists in the ledger (the reconciler will send it): never reported as failed.
     done = cli(embedded_stack, "submit", "hello", "--model", "demo",
                env={"TEXTNLP_BROKER_URL": "redis://:hunter2@127.0.0.1:9/0"}, timeout=120)
-    assert_one_line_error(done, "broker.unreachable")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert len(done.stdout.strip()) == 36 and "Traceback" not in done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning broker.unreachable: "), done.stderr
     assert "hunter2" not in done.stderr
 
 
@@ -171,3 +180,15 @@ def test_wait_on_many_jobs_prints_a_summary_and_status_shows_the_details(embedde
     detail = cli(embedded_stack, "status", ids[0]).stdout
     for field in ("worker", "attempts", "1 of", "created", "finished", "inference", "demo @ "):
         assert field in detail, detail
+
+
+def test_the_demo_says_what_the_model_is_and_prints_no_banner_or_warning(embedded_stack: LocalStack) -> None:
+    done = cli(embedded_stack, "demo", "--jobs", "2", "--max-new-tokens", "4", timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    everything = done.stdout + done.stderr
+    assert "1M-parameter GPT-2" in done.stderr and "models register" in done.stderr
+    for noise in ("-------------- ", "celery@", "[config]", "Warning", "WARNING", "warn(", "attention_mask",
+                  "Traceback"):
+        assert noise not in everything, everything
+    assert "Return a new list" in done.stdout  # the results table is the data
+    assert "2/2 jobs succeeded" in done.stderr

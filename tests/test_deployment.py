@@ -38,3 +38,9 @@ def test_secrets_come_from_the_environment_and_flower_needs_auth() -> None:
     flower = compose()["services"]["flower"]
     assert flower["environment"]["TEXTNLP_FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
     assert flower["ports"] == ["127.0.0.1:5555:5555"]
+
+
+def test_the_image_installs_the_built_wheel_not_a_checkout() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "pip wheel" in dockerfile and "/wheels/*.whl" in dockerfile
+    assert "pip install --no-cache-dir -e" not in dockerfile and "COPY workers" not in dockerfile

@@ -42,7 +42,7 @@ def test_resubmitting_with_the_same_idempotency_key_returns_the_same_job(stack: 
     client = Client(stack.settings())
     first = client.submit("Return a new list", model="demo", idempotency_key="order-42")
     again = client.submit("Return a new list", model="demo", idempotency_key="order-42")
-    batch = client.submit_many([{"prompt": "x y", "model": "demo", "idempotency_key": "order-42"},
+    batch = client.submit_many([{"prompt": "Return a new list", "model": "demo", "idempotency_key": "order-42"},
                                 {"prompt": "x y", "model": "demo", "idempotency_key": "order-43"},
                                 {"prompt": "x y", "model": "demo", "idempotency_key": "order-43"}])
     assert again.id == first.id == batch[0].id

@@ -78,3 +78,23 @@ def test_a_second_run_while_one_holds_the_lock_exits_locked_and_runs_are_recorde
     with client.sessions() as session:
         runs = session.query(MaintenanceRun).all()
     assert sorted((r.task, r.status) for r in runs) == [("jobs.reconcile", "locked"), ("jobs.reconcile", "succeeded")]
+
+
+def test_queued_jobs_whose_queue_has_no_consumer_are_flagged_not_left_silent(stack: LocalStack) -> None:
+    from textnlp_jobs.db import device_workers
+    from textnlp_jobs.db.models import DeviceWorker
+    from textnlp_jobs.devices import Device
+
+    client = Client(stack.settings(no_consumer_seconds=30))
+    device = Device.parse("cpu.3", client.settings.node_name)
+    with client.sessions.begin() as session:
+        device_workers.register(session, device, ["demo"], "gone", 15.0)
+    pinned = client.submit("Return a new list", model="demo", device="cpu.3")
+    with client.sessions.begin() as session:  # its worker last beat an hour ago
+        session.execute(update(DeviceWorker).values(heartbeat_at=datetime.now(UTC) - timedelta(hours=1)))
+    report = reconcile(client)
+    assert report["no_consumer"] == 1
+    flagged = client.get(pinned.id)
+    assert (flagged.status, flagged.error_code) == ("queued", "queue.no_consumer")
+    assert "cpu.3" in (flagged.error_message or "")
+    assert reconcile(client)["no_consumer"] == 0  # flagged once, not on every pass

@@ -19,7 +19,7 @@ from sqlalchemy import func, insert, select
 from textnlp_jobs.client import Client
 from textnlp_jobs.db.models import Generation, MaintenanceRun, Prompt
 from textnlp_jobs.db.session import get_engine
-from textnlp_jobs.local_stack import REPO_ROOT, LocalStack, seed_generations
+from textnlp_jobs.local_stack import REPO_ROOT, LocalStack, ProducerProcess, seed_generations
 from textnlp_jobs.maintenance import archive
 from textnlp_jobs.maintenance.runner import run_maintenance
 from textnlp_jobs.settings import Settings
@@ -44,36 +44,16 @@ def counts(settings: Settings) -> dict[str, int]:
         }
 
 
-class Producer(threading.Thread):
-    """Submits jobs one at a time until stopped; records the longest submit."""
-
-    def __init__(self, client: Client) -> None:
-        super().__init__(daemon=True)
-        self.client, self.stop, self.latencies = client, threading.Event(), list[float]()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                started = time.monotonic()
-                self.client.submit("Return a new list", model="demo", max_new_tokens=4)
-                self.latencies.append(time.monotonic() - started)
-                time.sleep(0.02)
-        except BaseException as error:  # reported by the test
-            self.error = error
-
-
 def run_retention_at_scale(stack: LocalStack, tmp_path: Path, rows: int) -> dict[str, Any]:
     settings = stack.settings(archive_dir=str(tmp_path / "archive"))
     seed_generations(settings, rows)
     before, expected = counts(settings), expired_ids(settings)
     client = Client(settings)
-    client.submit("warm up", model="demo", max_new_tokens=4)  # tokenizer and connections ready
-    producer = Producer(client)
+    producer = ProducerProcess(stack.process_env({"TEXTNLP_ARCHIVE_DIR": str(tmp_path / "archive")}),
+                               tmp_path / "producer")
     outcome: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: outcome.update(run_maintenance("db.retention", settings=settings,
                                                                             celery=client.celery)))
-    producer.start()
     started = time.monotonic()
     runner.start()
     # A second run while the first holds the lock reports "locked" at once.
@@ -87,12 +67,10 @@ def run_retention_at_scale(stack: LocalStack, tmp_path: Path, rows: int) -> dict
     second_seconds = time.monotonic() - second_started
     runner.join()
     seconds = time.monotonic() - started
-    producer.stop.set()
-    producer.join()
-    assert producer.error is None, producer.error
+    latencies = producer.stop()
     return {"settings": settings, "before": before, "expected": expected, "result": outcome,
             "second": second, "second_seconds": second_seconds, "seconds": seconds,
-            "longest_submit": max(producer.latencies), "submits": len(producer.latencies),
+            "longest_submit": max(latencies), "submits": len(latencies),
             "after": counts(settings)}
 
 

@@ -62,3 +62,35 @@ def test_good_input_becomes_a_job_with_defaults() -> None:
 def test_sampled_jobs_get_a_stored_seed_so_retries_repeat_the_text() -> None:
     job = check(temperature=0.7)
     assert isinstance(job.params["seed"], int)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinite_floats_are_refused_with_the_field_named(field: str, value: float) -> None:
+    with pytest.raises(InputError) as caught:
+        check(**{field: value})
+    assert caught.value.field == field and "finite" in str(caught.value)
+
+
+@pytest.mark.parametrize("spec", [None, "prompt", ["hello"], 3])
+def test_a_job_that_is_not_a_dict_is_refused_clearly(spec: object) -> None:
+    with pytest.raises(InputError) as caught:
+        validate_job(spec, SETTINGS, ["demo"], lambda model, prompt: 1)  # type: ignore[arg-type]
+    assert caught.value.code == "input.job_invalid" and type(spec).__name__ in str(caught.value)
+
+
+def test_a_prompt_plus_new_tokens_past_the_models_positions_is_refused() -> None:
+    settings = Settings(max_prompt_tokens=1024, home="/tmp/unused")
+    prompt = "word " * 601
+    with pytest.raises(InputError) as caught:
+        validate_job({"prompt": prompt, "model": "demo"}, settings, ["demo"], lambda model, text: len(text.split()),
+                     lambda model: 512)
+    assert caught.value.code == "input.too_long_for_model" and "512 positions" in str(caught.value)
+    fits = validate_job({"prompt": "word " * 480, "model": "demo"}, settings, ["demo"],
+                        lambda model, text: len(text.split()), lambda model: 512)
+    assert fits.prompt_tokens == 480
+
+
+def test_a_device_is_stored_by_its_full_name_on_its_node() -> None:
+    assert check(device="cuda:1").device == f"{SETTINGS.node_name}/cuda.1"
+    assert check(device="other/cpu.0").device == "other/cpu.0"

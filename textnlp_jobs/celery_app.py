@@ -6,18 +6,28 @@ from typing import Any
 
 from celery import Celery
 
+from textnlp_jobs import folder_broker
 from textnlp_jobs.constants import GENERATE_TASK, MAINTENANCE_QUEUE, REDBEAT_KEY_PREFIX
 from textnlp_jobs.maintenance.schedule import build_schedule, task_routes
 from textnlp_jobs.settings import Settings, get_settings
+
+# filesystem:// (the embedded broker) writes each message atomically; see folder_broker.
+folder_broker.install()
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Every Celery setting the system relies on, in one place."""
     if settings.embedded:
         settings.broker_folder().mkdir(parents=True, exist_ok=True)
+    url = settings.broker_url_value()
+    redis_broker = url.startswith(("redis://", "rediss://", "unix://"))
     return {
         "broker_url": settings.broker_url_value(),
         "broker_transport_options": settings.broker_transport_options(),
+        # Redis through a channel that dead-letters malformed queue items instead of crashing.
+        "broker_transport": "textnlp_jobs.broker_transport:Transport" if redis_broker else None,
+        # Messages Celery cannot run (unknown task, bad envelope) go to textnlp.dead_letter.
+        "worker_consumer": "textnlp_jobs.dead_letter:DeadLetteringConsumer",
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a Redis restart is waited out, not fatal
         "result_backend": settings.result_backend.get_secret_value() if settings.result_backend else None,
@@ -31,6 +41,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A message is acked only after its job's row is written; a lost worker's jobs come back.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A task that raised (a job that ended failed or dead, after its row was written) is
+        # acked, not redelivered: the ledger, not the broker, decides about retries.
+        "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "task_routes": task_routes(),
         "task_default_queue": MAINTENANCE_QUEUE,

@@ -12,6 +12,7 @@ If publishing fails the row stays ``queued`` and the reconciler publishes it lat
 from __future__ import annotations
 
 import builtins
+import logging
 import threading
 import time
 import uuid
@@ -24,10 +25,19 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.celery_app import create_app
+from textnlp_jobs.db import device_workers
 from textnlp_jobs.db import repository as repo
+from textnlp_jobs.db.health import ledger_errors
 from textnlp_jobs.db.repository import Job
 from textnlp_jobs.db.session import session_factory
-from textnlp_jobs.errors import ErrorCode, InputError, JobNotFoundError, JobWaitTimeout, TextNLPError
+from textnlp_jobs.errors import (
+    ErrorCode,
+    InputError,
+    JobNotFoundError,
+    JobWaitTimeout,
+    TextNLPError,
+    UnknownDeviceError,
+)
 from textnlp_jobs.inference import store
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.publish import publish_and_mark
@@ -35,6 +45,8 @@ from textnlp_jobs.settings import Settings, get_settings
 from textnlp_jobs.validation import validate_job
 
 __all__ = ["Client", "Job", "JobWaitTimeout", "cancel", "get", "list_jobs", "submit", "submit_many", "wait"]
+
+log = logging.getLogger(__name__)
 
 INSERT_BATCH = 1000
 _MODEL_CACHE_SECONDS = 30.0
@@ -57,6 +69,7 @@ class Client:
         self._lock = threading.Lock()
         self._models: tuple[float, dict[str, store.ResolvedModel | None]] = (0.0, {})
         self._tokenizers: dict[str, Any] = {}
+        self._positions: dict[str, int | None] = {}
 
     # --- submitting ----------------------------------------------------------------------
     def submit(self, prompt: str | bytes | None = None, *, model: str, max_new_tokens: int | None = None,
@@ -80,39 +93,82 @@ class Client:
             spec["max_attempts"] = max_attempts
         return self.submit_many([spec])[0]
 
-    def submit_many(self, specs: Iterable[dict[str, Any]],
-                    progress: Callable[[int], None] | None = None) -> builtins.list[Job]:
-        """Queue many jobs: all are validated first (one bad job rejects the call and writes
-        nothing), then inserted and published in batches."""
-        specs = list(specs)
+    def submit_many(self, specs: Iterable[dict[str, Any]], progress: Callable[[int], None] | None = None,
+                    on_unpublished: Callable[[int, Exception], None] | None = None) -> builtins.list[Job]:
+        """Queue many jobs, all or nothing: every job is validated first and all rows are
+        inserted in one transaction, so one bad job rejects the call and writes nothing.
+        The messages are published after the commit. If the broker cannot be reached the jobs
+        still exist (the ledger is the truth): they are returned, a warning is logged,
+        ``on_unpublished(count, error)`` is called, and the reconciler publishes them later."""
+        specs = builtins.list(specs)
+        with ledger_errors(self.settings):
+            validated = self._validate(specs)
+            with self.sessions() as session:
+                records = repo.insert_jobs_once(session, validated)
+        fresh_ids = {job.id for job in validated}
+        to_publish: dict[uuid.UUID, repo.Routing] = {}
+        for record in records:  # the same idempotency key twice in one call: one message
+            if record.id in fresh_ids:
+                to_publish.setdefault(record.id, repo.Routing(record.id, record.model, record.device,
+                                                              record.priority))
+        routings = builtins.list(to_publish.values())
+        for start in range(0, len(routings), INSERT_BATCH):
+            chunk = routings[start:start + INSERT_BATCH]
+            try:
+                publish_and_mark(self.celery, self.settings, self.sessions, chunk)
+            except Exception as error:  # any broker failure: the rows are safe
+                unsent = len(routings) - start
+                # A caller that handles it (the CLI prints one line) gets the callback; anyone
+                # else gets the warning.
+                log.log(logging.INFO if on_unpublished else logging.WARNING,
+                        "broker_unreachable unpublished=%d error=%s: the jobs exist and the reconciler will "
+                        "send them", unsent, type(error).__name__)
+                if on_unpublished is not None:
+                    on_unpublished(unsent, error)
+                break
+            finally:
+                if progress:
+                    progress(len(chunk))
+        for routing in routings:
+            metrics.JOBS_SUBMITTED.labels(routing.model).inc()
+        return records
+
+    def _validate(self, specs: builtins.list[dict[str, Any]]) -> builtins.list[repo.NewJob]:
         validated = []
+        devices: dict[str, builtins.list[str]] | None = None
         for index, spec in enumerate(specs):
             try:
-                validated.append(validate_job(spec, self.settings, self._known_models(), self._count_tokens,
-                                              self._has_chat_template))
+                job = validate_job(spec, self.settings, self._known_models(), self._count_tokens,
+                                   self._max_positions, self._has_chat_template)
+                if job.device is not None:
+                    if devices is None:
+                        devices = self._known_devices()
+                    self._check_device(job, devices)
+                validated.append(job)
             except InputError as error:
                 if len(specs) > 1:
                     error.args = (f"job {index}: {error.args[0]}",)
                 raise
-        jobs: builtins.list[Job] = []
-        for start in range(0, len(validated), INSERT_BATCH):
-            chunk = validated[start:start + INSERT_BATCH]
-            with self.sessions() as session:
-                records = repo.insert_jobs_once(session, chunk)
-            fresh_ids = {job.id for job in chunk}
-            to_publish = [repo.Routing(r.id, r.model, r.device, r.priority) for r in records
-                          if r.id in fresh_ids]
-            publish_and_mark(self.celery, self.settings, self.sessions, to_publish)
-            for record in to_publish:
-                metrics.JOBS_SUBMITTED.labels(record.model).inc()
-            jobs.extend(records)
-            if progress:
-                progress(len(chunk))
-        return jobs
+        return validated
+
+    def _known_devices(self) -> dict[str, builtins.list[str]]:
+        with self.sessions() as session:
+            known = device_workers.known_devices(session, self.settings.heartbeat_ttl_seconds)
+        return {device.name: device.models for device in known}
+
+    @staticmethod
+    def _check_device(job: repo.NewJob, devices: dict[str, builtins.list[str]]) -> None:
+        """A pinned job must name a device a worker has served, and a model that device serves."""
+        device = job.device or ""
+        if device not in devices:
+            raise UnknownDeviceError(device, builtins.list(devices))
+        if job.model not in devices[device]:
+            raise InputError("device", f"{device} does not serve model {job.model!r} (it serves: "
+                             f"{', '.join(devices[device]) or 'nothing'})", code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE)
 
     # --- reading -------------------------------------------------------------------------
     def get(self, job_id: uuid.UUID | str) -> Job:
-        with self.sessions() as session:
+        with ledger_errors(self.settings), self.sessions() as session:
             job = repo.get_job(session, _as_uuid(job_id))
         if job is None:
             raise JobNotFoundError(f"no job with id {job_id}")
@@ -120,7 +176,7 @@ class Client:
 
     def get_many(self, ids: Sequence[uuid.UUID | str]) -> builtins.list[Job]:
         wanted = [_as_uuid(i) for i in ids]
-        with self.sessions() as session:
+        with ledger_errors(self.settings), self.sessions() as session:
             found = {job.id: job for job in repo.get_jobs(session, wanted)}
         missing = [str(i) for i in wanted if i not in found]
         if missing:
@@ -163,7 +219,7 @@ class Client:
 
     def cancel(self, job_id: uuid.UUID | str) -> Job:
         """Cancel a job that has not finished; a finished job is returned unchanged."""
-        with self.sessions.begin() as session:
+        with ledger_errors(self.settings), self.sessions.begin() as session:
             status = repo.cancel(session, _as_uuid(job_id))
         if status is None:
             raise JobNotFoundError(f"no job with id {job_id}")
@@ -172,7 +228,7 @@ class Client:
     def list(  # mirrors the CLI's `jobs list`
         self, *, status: str | None = None, model: str | None = None, limit: int = 50
     ) -> builtins.list[Job]:
-        with self.sessions() as session:
+        with ledger_errors(self.settings), self.sessions() as session:
             return repo.list_jobs(session, status=status, model=model, limit=limit)
 
     # --- model knowledge for validation ---------------------------------------------------
@@ -199,6 +255,18 @@ class Client:
 
     def _known_models(self) -> builtins.list[str]:
         return builtins.list(self._resolved_models())
+
+    def _max_positions(self, model: str) -> int | None:
+        """The longest sequence ``model`` can attend to, from its config in the model store
+        (None when this producer cannot read the store: the worker enforces it then)."""
+        resolved = self._resolved_models().get(model)
+        if resolved is None:
+            return None
+        key = f"{model}@{resolved.version}"
+        with self._lock:
+            if key not in self._positions:
+                self._positions[key] = store.max_positions(Path(resolved.path))
+            return self._positions[key]
 
     def _count_tokens(self, model: str, prompt: str) -> int | None:
         """Tokens in ``prompt`` by the model's own tokenizer, when this producer can read the

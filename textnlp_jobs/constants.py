@@ -11,7 +11,8 @@ MAINTENANCE_QUEUE: Final = "textnlp.maintenance"
 # Long maintenance (retention, vacuum, reindex, quantization): its own queue and threads, so a
 # long run never starves the 5-minute reconciler.
 MAINTENANCE_HEAVY_QUEUE: Final = "textnlp.maintenance.heavy"
-# Messages of queues no one consumes; inspected and requeued by operators, never consumed.
+# Messages no consumer can decode or run, and messages of queues no one consumes: inspected and
+# requeued by operators, never consumed, never dropped.
 DEAD_LETTER_QUEUE: Final = "textnlp.dead_letter"
 
 GENERATE_TASK: Final = "textnlp.generate"
@@ -30,14 +31,3 @@ KOMBU_UNACKED_INDEX_KEY: Final = "unacked_index"
 def generation_queue(model: str) -> str:
     """The queue every device hosting ``model`` consumes (competing consumers)."""
     return f"{GENERATION_QUEUE_PREFIX}{model}"
-
-
-def device_queue(node: str, device: str) -> str:
-    """The queue only one device consumes: pinned jobs land here.
-
-    ``device`` is a normalised device id (``cuda.0``, ``cpu.1``); a CUDA device is named by its
-    index alone (``textnlp.gpu.host.0``) as the design's queue table shows.
-    """
-    kind, _, index = device.partition(".")
-    suffix = index if kind == "cuda" else f"{kind}{index}"
-    return f"{DEVICE_QUEUE_PREFIX}{node}.{suffix}"

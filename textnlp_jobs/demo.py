@@ -46,20 +46,23 @@ def _tail(path: Path, lines: int = 15) -> str:
 def _ensure_demo_model(settings: Settings, messages: Console) -> None:
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.inference import store
-    from textnlp_jobs.inference.bootstrap import RECIPES, bootstrap_model
+    from textnlp_jobs.inference.bootstrap import RECIPES, bootstrap_model, cached_build
 
     with session_factory(settings)() as session:
         if "demo" in store.known_models(session):
             return
     recipe = RECIPES["demo"]
-    messages.print(f"building the demo model: {recipe.build_note}", markup=False, highlight=False)
+    cached = cached_build(settings.model_cache_dir(), "demo")
+    if cached is None or not cached.is_dir():
+        messages.print(f"building the demo model: {recipe.build_note}", markup=False, highlight=False)
     bar = progress_bar(messages)
     bar.disable = not messages.is_terminal
     started = time.monotonic()
     with bar:
         task = bar.add_task("training the demo model (steps)", total=recipe.train_steps)
         built = bootstrap_model(settings, "demo", progress=lambda done, _total: bar.update(task, completed=done))
-    how = "copied from the build cache" if built.from_cache else f"built in {time.monotonic() - started:.0f}s"
+    how = f"copied from the build cache ({cached})" if built.from_cache else (
+        f"built in {time.monotonic() - started:.0f}s and cached for other homes")
     messages.print(f"demo model {how}: version {built.version}", markup=False, highlight=False)
 
 
@@ -103,10 +106,11 @@ def run_demo(settings: Settings, *, jobs: int, max_new_tokens: int, timeout: flo
             submitted = client.submit_many(specs, progress=lambda n: bar.advance(task, n))
             task = bar.add_task("finished", total=jobs)
             done = client.wait([j.id for j in submitted], timeout, progress=lambda n: bar.advance(task, n))
-        table = Table("prompt", "continuation", "tokens", "batch", "status")
+        table = Table("prompt", "tokens", "batch", "status")
+        table.add_column("continuation", max_width=72)
         for prompt, job in zip(prompts, done, strict=True):
-            table.add_row(prompt, (job.text or job.error_code or "").strip(), str(job.tokens_generated or ""),
-                          str(job.batch_size or ""), job.status)
+            table.add_row(prompt, str(job.tokens_generated or ""), str(job.batch_size or ""), job.status,
+                          (job.text or job.error_code or "").strip())
         out.print(table)
         ok = sum(j.status == JobStatus.SUCCEEDED for j in done)
         messages.print(f"{ok}/{len(done)} jobs succeeded, in batches of up to "

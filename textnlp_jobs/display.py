@@ -50,21 +50,21 @@ def _seconds(value: float | None) -> str:
 
 
 def job_table(jobs: Sequence[Job], *, text_width: int = 60) -> Table:
-    """One row per job: the text when it succeeded, the error code when not. Ids and codes are
-    never cut; only the text column shrinks to fit."""
+    """One row per job: its error code when it did not succeed, the start of its text when it
+    did. Ids and codes are never cut or wrapped; only the text column shrinks to fit."""
     table = Table()
     table.add_column("id", no_wrap=True, min_width=ID_WIDTH)
     table.add_column("status", no_wrap=True, min_width=9)
     table.add_column("model", no_wrap=True, min_width=5)
     table.add_column("tokens", justify="right", no_wrap=True, min_width=6)
     table.add_column("tries", justify="right", no_wrap=True, min_width=5)
-    table.add_column("text / error", overflow="ellipsis", no_wrap=True, ratio=1)
+    table.add_column("error", no_wrap=True, min_width=max((len(j.error_code or "") for j in jobs), default=5))
+    # The only wrapable column, so the one rich shrinks; its cells are one line cut with an ellipsis.
+    table.add_column("text", overflow="ellipsis", min_width=4)
     for job in jobs:
-        if job.status == JobStatus.SUCCEEDED:
-            detail = Text((job.text or "").replace("\n", " ")[:text_width])
-        else:
-            detail = Text(job.error_code or "", no_wrap=True, overflow="fold")
-        table.add_row(str(job.id), job.status, job.model, str(job.tokens_generated or ""), str(job.attempts), detail)
+        text = (job.text or "").replace("\n", " ")[:text_width] if job.status == JobStatus.SUCCEEDED else ""
+        table.add_row(str(job.id), job.status, job.model, str(job.tokens_generated or ""), str(job.attempts),
+                      job.error_code or "", Text(text, overflow="ellipsis", no_wrap=True))
     return table
 
 

@@ -47,6 +47,10 @@ class ErrorCode(enum.StrEnum):
     INPUT_MAX_ATTEMPTS_OUT_OF_RANGE = "input.max_attempts_out_of_range"
     INPUT_MESSAGES_INVALID = "input.messages_invalid"
     INPUT_NO_CHAT_TEMPLATE = "input.no_chat_template"
+    INPUT_JOB_INVALID = "input.job_invalid"
+    INPUT_UNKNOWN_DEVICE = "input.unknown_device"
+    INPUT_TOO_LONG_FOR_MODEL = "input.too_long_for_model"
+    INPUT_IDEMPOTENCY_CONFLICT = "input.idempotency_conflict"
 
     # Jobs: what happened to a job, and what a producer asked of one.
     JOBS_NOT_FOUND = "jobs.not_found"
@@ -55,6 +59,7 @@ class ErrorCode(enum.StrEnum):
     JOB_CANCELLED = "job.cancelled"
     JOB_EXPIRED = "job.expired"
     JOB_MAX_ATTEMPTS = "job.max_attempts"
+    JOB_FAILED = "job.failed"
     JOBS_NOT_REQUEUEABLE = "jobs.not_requeueable"
     # A job whose queue no worker consumed (moved to textnlp.dead_letter by queues.dead_letter).
     QUEUE_NO_CONSUMER = "queue.no_consumer"
@@ -67,6 +72,7 @@ class ErrorCode(enum.StrEnum):
     CONFIG_INVALID = "config.invalid"
     CONFIG_DEVICE_INVALID = "config.device_invalid"
     CONFIG_DEVICE_UNAVAILABLE = "config.device_unavailable"
+    CONFIG_DEVICE_IN_USE = "config.device_in_use"
     CLI_USAGE = "cli.usage"
 
     # Services the system needs.
@@ -249,3 +255,32 @@ class ModelValidationFailed(TextNLPError):
     """models.validate found versions whose files changed or went missing (now marked corrupt)."""
 
     code = ErrorCode.MODELS_VALIDATION_FAILED
+class DeviceInUseError(ConfigurationError):
+    """Another live worker already serves this device; a second one refuses to start."""
+
+    code = ErrorCode.CONFIG_DEVICE_IN_USE
+
+
+class UnknownDeviceError(InputError):
+    """The job is pinned to a device no worker has ever served."""
+
+    def __init__(self, device: str, known: list[str]) -> None:
+        listing = ", ".join(sorted(known)) or "none registered yet: start a device worker first"
+        super().__init__("device", f"unknown device {device!r} (known: {listing})",
+                         code=ErrorCode.INPUT_UNKNOWN_DEVICE)
+
+
+class IdempotencyConflictError(InputError):
+    """An idempotency key already names a job with different parameters."""
+
+    def __init__(self, key: str, differing: list[str]) -> None:
+        super().__init__("idempotency_key", f"{key!r} was used for a job with a different {', '.join(differing)}",
+                         code=ErrorCode.INPUT_IDEMPOTENCY_CONFLICT)
+        self.differing = differing
+
+
+class JobFailedError(TextNLPError):
+    """Raised by the generation task after a job ended failed or dead, so Celery and Flower show
+    the task as failed; the row is already written and the message is acked, never retried."""
+
+    code = ErrorCode.JOB_FAILED

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from textnlp_jobs.settings import Settings
 
@@ -26,11 +26,16 @@ Process = subprocess.Popen[bytes]
 
 
 def ensure_ledger(settings: Settings) -> None:
-    """The embedded ledger migrates itself on first use; PostgreSQL waits for ``db upgrade``."""
+    """The embedded ledger migrates itself on first use; PostgreSQL waits for ``db upgrade``
+    (a schema behind the code raises ``LedgerNotMigratedError``: one line, not a traceback)."""
     if settings.database_url is None:
         from textnlp_jobs.db.migrate import upgrade
 
         upgrade(settings.database_url_value())
+    else:
+        from textnlp_jobs.db.health import require_current_schema
+
+        require_current_schema(settings)
 
 
 # --- command lines ------------------------------------------------------------------------------
@@ -129,22 +134,12 @@ def stop_processes(processes: Sequence[Process], grace: float = 30.0) -> None:
             kill_process(process)
 
 
-def supervise(commands: Sequence[Sequence[str]]) -> int:
-    """Run child processes until one exits or we are told to stop; stop the rest cleanly.
-    Returns the largest exit status."""
-    children = [start_process(command) for command in commands]
+def supervise(commands: Mapping[str, Sequence[str]], *, backoff: tuple[float, float] = (1.0, 60.0)) -> int:
+    """Run ``commands`` (name -> command line), restarting any that crashes, until a signal stops
+    them; returns a truthful exit status (see ``textnlp_jobs.supervisor``)."""
+    from textnlp_jobs.supervisor import supervise as run_supervised
 
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while all(child.poll() is None for child in children):
-        time.sleep(0.5)
-    stop_processes(children)
-    return max(child.returncode or 0 for child in children)
+    return run_supervised(commands, backoff=backoff)
 
 
 def wait_for_worker(settings: Settings, hostname: str, timeout: float, *,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -199,3 +201,47 @@ def seed_generations(settings: Settings, rows: int) -> None:
         connection.execute(text("ANALYZE generations"))
         connection.execute(text("ANALYZE prompts"))
         connection.commit()
+
+
+_PRODUCER = """
+import json, sys, time
+from pathlib import Path
+from textnlp_jobs.client import Client
+
+stop, out, model = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+client = Client()
+client.submit("warm up", model=model, max_new_tokens=4)
+Path(str(out) + ".ready").touch()
+latencies = []
+while not stop.exists():
+    started = time.perf_counter()
+    client.submit("Return a new list", model=model, max_new_tokens=4)
+    latencies.append(time.perf_counter() - started)
+    time.sleep(0.02)
+out.write_text(json.dumps(latencies))
+"""
+
+
+class ProducerProcess:
+    """A producer in its own process submitting one job at a time until stopped, timing each
+    submit: how long a producer is held up while something else (a large cleanup) runs."""
+
+    def __init__(self, env: Mapping[str, str], workdir: Path, model: str = "demo") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._stop, self._out = workdir / "producer.stop", workdir / "producer.json"
+        self._stop.unlink(missing_ok=True)
+        self.process = subprocess.Popen([sys.executable, "-c", _PRODUCER, str(self._stop), str(self._out), model],
+                                        env=dict(env), cwd=REPO_ROOT)
+        give_up = time.monotonic() + 120
+        while not Path(str(self._out) + ".ready").exists():
+            if self.process.poll() is not None or time.monotonic() > give_up:
+                raise RuntimeError("the producer process did not start")
+            time.sleep(0.1)
+
+    def stop(self) -> list[float]:
+        """Stop it; the duration of every submit it made, in seconds."""
+        self._stop.touch()
+        if self.process.wait(60) != 0:
+            raise RuntimeError(f"the producer process failed ({self.process.returncode})")
+        latencies: list[float] = json.loads(self._out.read_text())
+        return latencies

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from textnlp_jobs.constants import GENERATE_TASK, device_queue, generation_queue
+from textnlp_jobs.constants import GENERATE_TASK, generation_queue
 from textnlp_jobs.db import repository as repo
+from textnlp_jobs.devices import Device
 from textnlp_jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -17,17 +18,9 @@ log = logging.getLogger(__name__)
 PUBLISH_BATCH = 500
 
 
-def parse_device(device: str, default_node: str) -> tuple[str, str]:
-    """``"node/cuda.0"`` or ``"cuda:0"`` -> (node, normalised device id ``cuda.0``)."""
-    node, _, local = device.rpartition("/")
-    kind, _, index = local.replace(":", ".").partition(".")
-    return (node or default_node), f"{kind}.{index or '0'}"
-
-
 def queue_for(routing: repo.Routing, settings: Settings) -> str:
     if routing.device:
-        node, device = parse_device(routing.device, settings.node_name)
-        return device_queue(node, device)
+        return Device.parse(routing.device, settings.node_name).queue
     return generation_queue(routing.model)
 
 

@@ -12,7 +12,7 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +25,18 @@ class BatchingPolicy(BaseModel):
 
     max_batch: int = Field(16, ge=1, le=512)
     max_wait_ms: float = Field(20.0, ge=0, le=10_000)
+    # continuous: jobs join and leave the running batch between decode steps; static: a batch
+    # runs until its longest row ends. None: the device's default (DEFAULT_BATCHING_MODE).
+    mode: Literal["continuous", "static"] | None = None
+
+    def mode_on(self, device: str) -> str:
+        """The mode this policy runs on ``device`` (a torch device such as ``cpu`` or ``cuda:0``)."""
+        return self.mode or DEFAULT_BATCHING_MODE["cuda" if device.startswith("cuda") else "cpu"]
+
+
+# Measured with bench/throughput.py (README, "Batching modes"): continuous wins on a GPU; on
+# this project's 2-core CPU machine the numbers are in bench/results/.
+DEFAULT_BATCHING_MODE: dict[str, str] = {"cuda": "continuous", "cpu": "continuous"}
 
 
 class Settings(BaseSettings):
@@ -85,6 +97,19 @@ class Settings(BaseSettings):
     # perplexity rises by at most this fraction and CPU tokens/s at batch 1 and 8 reach this ratio.
     quantize_max_perplexity_increase: float = Field(0.05, ge=0)
     quantize_min_speedup: float = Field(1.5, ge=0)
+    # Worker liveness: a device worker refreshes its heartbeat every interval; once it is older
+    # than the TTL the worker counts as dead and its running jobs are rescued by a live peer, the
+    # worker that replaces it, or the reconciler, without waiting for their lease.
+    heartbeat_interval_seconds: float = Field(2.0, gt=0)
+    heartbeat_ttl_seconds: float = Field(15.0, gt=0)
+    # The reconciler flags queued jobs (error_code queue.no_consumer) whose queue no live worker
+    # has consumed for this long: a pinned device that is gone, a model no device serves.
+    no_consumer_seconds: float = Field(300.0, gt=0)
+    # `worker --all-devices` restarts a crashed device worker after a delay that doubles from
+    # the first to the last value with each crash in a row (reset after a worker ran a while).
+    restart_backoff_seconds: tuple[float, float] = (1.0, 60.0)
+    # Flower refuses basic-auth passwords shorter than this.
+    flower_min_password_length: int = Field(8, ge=1)
 
     # --- maintenance (issue 6) ----------------------------------------------------------------
     # Overrides of the beat schedule by task name: a 5-field crontab in UTC ("30 2 * * *"), a

@@ -3,17 +3,17 @@ the limit, and creates no row and no message."""
 
 from __future__ import annotations
 
+import math
 import random
-import re
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Any
 
 from textnlp_jobs.db.repository import NewJob
+from textnlp_jobs.devices import Device
 from textnlp_jobs.errors import ErrorCode, InputError, UnknownModelError
 from textnlp_jobs.settings import Settings
 
-_DEVICE = re.compile(r"^(?:[A-Za-z0-9_.-]+/)?(?:cuda|cpu)[.:]\d{1,3}$")
 _MAX_SEED = 2**63 - 1
 
 TokenCounter = Callable[[str, str], int | None]  # (model, prompt) -> tokens, None if unknown here
@@ -39,12 +39,16 @@ def _messages_text(messages: Any, settings: Settings) -> str:
         raise InputError("messages", "have no content", code=ErrorCode.INPUT_PROMPT_EMPTY)
     text = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
     return _prompt_text(text, settings)
+PositionLimit = Callable[[str], int | None]  # model -> its maximum sequence length, None if unknown
 
 
 def _number(field: str, value: Any, kind: type, low: float, high: float, *, low_open: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise InputError(field, f"must be {'a number' if kind is float else 'an integer'}, got {value!r}",
                          code=ErrorCode(f"input.{field}_invalid"))
+    if isinstance(value, float) and not math.isfinite(value):
+        # Every comparison with NaN is false: without this, NaN would pass the range check.
+        raise InputError(field, f"must be a finite number, got {value!r}", code=ErrorCode(f"input.{field}_invalid"))
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         bracket = "(" if low_open else "["
@@ -79,10 +83,15 @@ def _prompt_text(prompt: Any, settings: Settings) -> str:
 
 def validate_job(
     spec: dict[str, Any], settings: Settings, known_models: Collection[str], count_tokens: TokenCounter,
-    has_chat_template: ChatCheck | None = None,
+    max_positions: PositionLimit | None = None, has_chat_template: ChatCheck | None = None,
 ) -> NewJob:
     """Turn one job's keyword arguments into a ``NewJob`` or raise ``InputError``. A job gives either
-    a ``prompt`` or chat ``messages`` (for a model whose tokenizer has a chat template)."""
+    a ``prompt`` or chat ``messages`` (for a model whose tokenizer has a chat template). The device
+    is checked for form here and returned as its full name (``node/cuda.0``); whether it exists is
+    the caller's check, against the device registry."""
+    if not isinstance(spec, dict):
+        raise InputError("job", f"must be a dict of job parameters, got {type(spec).__name__}",
+                         code=ErrorCode.INPUT_JOB_INVALID)
     allowed = {"prompt", "messages", "model", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "priority",
                "idempotency_key", "deadline", "device", "max_attempts"}
     unknown = set(spec) - allowed
@@ -109,7 +118,13 @@ def validate_job(
     temperature = _number("temperature", spec.get("temperature", 0.0), float, 0.0, settings.max_temperature)
     top_p = _number("top_p", spec.get("top_p", 1.0), float, 0.0, 1.0, low_open=True)
     top_k = _number("top_k", spec.get("top_k", 0), int, 0, 1_000_000)
+    positions = max_positions(model) if max_positions is not None else None
+    if positions is not None and prompt_tokens is not None and prompt_tokens + max_new_tokens > positions:
+        raise InputError("prompt", f"is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that is "
+                         f"{prompt_tokens + max_new_tokens}, over the {positions} positions model {model!r} can "
+                         "attend to", code=ErrorCode.INPUT_TOO_LONG_FOR_MODEL)
     seed = spec.get("seed")
+    seed_explicit = seed is not None
     if seed is not None:
         seed = _number("seed", seed, int, 0, _MAX_SEED)
     elif temperature > 0:
@@ -128,13 +143,12 @@ def validate_job(
         if deadline <= datetime.now(UTC):
             raise InputError("deadline", f"{deadline.isoformat()} is already past", code=ErrorCode.INPUT_DEADLINE_PAST)
     device = spec.get("device")
-    if device is not None and (not isinstance(device, str) or not _DEVICE.match(device)):
-        raise InputError("device", f"{device!r} is not a device like 'cuda.0', 'cpu.1' or 'node/cuda.0'",
-                         code=ErrorCode.INPUT_DEVICE_INVALID)
+    if device is not None:
+        device = Device.parse(device, settings.node_name).name
 
     params: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
     if chat:
         params["chat"] = True
     return NewJob(prompt=prompt, model=model, max_new_tokens=max_new_tokens, params=params, priority=priority,
                   max_attempts=max_attempts, idempotency_key=key, deadline=deadline, device=device,
-                  prompt_tokens=prompt_tokens)
+                  prompt_tokens=prompt_tokens, seed_explicit=seed_explicit)

@@ -24,10 +24,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from textnlp_jobs.constants import device_queue, generation_queue
-from textnlp_jobs.errors import ConfigurationError, TextNLPError
+from textnlp_jobs.constants import generation_queue
+from textnlp_jobs.devices import Device
+from textnlp_jobs.errors import ConfigurationError, ErrorCode, InputError, TextNLPError
 from textnlp_jobs.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from textnlp_jobs.db.repository import Routing
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ def check_timeouts(settings: Settings) -> None:
 
 def worker_hostname(settings: Settings, device: str) -> str:
     """The Celery hostname of ``device``'s worker on this node (what ping-waits address)."""
-    return f"gen-{device.replace('.', '')}@{settings.node_name}"
+    return Device.parse(device, settings.node_name).hostname
 
 
 def maintenance_hostname(settings: Settings, kind: str = "light") -> str:
@@ -67,17 +72,18 @@ def maintenance_hostname(settings: Settings, kind: str = "light") -> str:
 
 
 def run_device_worker(device: str, models: Sequence[str] | None = None, *, concurrency: int | None = None,
-                      loglevel: str = "INFO", torch_threads: int | None = None) -> None:
-    """Start the worker for ``device`` and block until it shuts down."""
-    from textnlp_jobs.inference.device import DeviceId
-
+                      loglevel: str = "INFO", torch_threads: int | None = None) -> int:
+    """Start the worker for ``device`` and block until it shuts down; returns its exit status."""
     # Celery configures logging only when the worker starts; model loading comes before that.
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     settings = get_settings()
     try:
-        dev = DeviceId.parse(device)
-    except ValueError as error:
-        raise ConfigurationError(str(error), code="config.device_invalid") from None
+        dev = Device.parse(device, settings.node_name)
+    except InputError as error:
+        raise ConfigurationError(error.message, code=ErrorCode.CONFIG_DEVICE_INVALID) from None
+    if dev.node != settings.node_name:
+        raise ConfigurationError(f"device {device!r} names node {dev.node!r}, but this node is "
+                                 f"{settings.node_name!r}", code=ErrorCode.CONFIG_DEVICE_INVALID)
     pin_device(dev.kind, dev.index)
     check_timeouts(settings)
     import torch
@@ -88,45 +94,66 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     # loop waits up to the switch interval (5 ms by default) each time. Shorter keeps the device fed.
     sys.setswitchinterval(0.0005)
     if dev.kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError(f"device {dev} requested but CUDA is not available", code="config.device_unavailable")
+        raise ConfigurationError(f"device {dev} requested but CUDA is not available",
+                                 code=ErrorCode.CONFIG_DEVICE_UNAVAILABLE)
 
     from textnlp_jobs.celery_app import app
+    from textnlp_jobs.db.health import ledger_errors
     from textnlp_jobs.db.session import session_factory
     from textnlp_jobs.inference.device import DeviceRuntime, load_engine, load_resolved
+    from textnlp_jobs.inference.registry import parse_reference
     from textnlp_jobs.inference.versions import ModelWatcher
+    from textnlp_jobs.liveness import Liveness
     from textnlp_jobs.publish import publish_and_mark
     from textnlp_jobs.tasks import generation
 
-    references = list(models or settings.models_for_device(str(dev)))  # "small" or "small@int8"
+    references = list(models or settings.models_for_device(dev.local))  # "small" or "small@int8"
+    names = list(dict.fromkeys(parse_reference(r)[0] for r in references))
     factory = session_factory(settings)
-    loaded = load_resolved(settings, factory, dev, references)
-    engines = {name: engine for name, (engine, _) in loaded.items()}
-    names = list(engines)
-    queues = [generation_queue(m) for m in names] + [device_queue(settings.node_name, str(dev))]
-    threads = concurrency or settings.worker_concurrency or 2 * max(settings.batching_for(m).max_batch for m in names)
-    worker_name = f"{settings.node_name}/{dev}"
-    runtime = DeviceRuntime(settings, factory, engines, worker_name=worker_name,
-                            republish=lambda routings: publish_and_mark(app, settings, factory, routings))
-    runtime.start()
-    runtime.watcher = ModelWatcher(
-        settings, factory, engines, dict(zip(names, references, strict=True)), worker=worker_name,
-        load=lambda resolved: load_engine(resolved, dev),
-        run_on_loop=lambda call: runtime.batcher.call_on_loop(call).result(timeout=settings.max_job_seconds))
-    for name, (_, resolved) in loaded.items():
-        runtime.watcher.loaded(name, resolved.version_id)
-    runtime.watcher.start()
-    generation.install_runtime(runtime)
-    log.info("device_worker_starting device=%s models=%s queues=%s threads=%d cuda_visible_devices=%s torch_device=%s",
-             dev, names, queues, threads, os.environ.get("CUDA_VISIBLE_DEVICES"), dev.torch_device)
+
+    def republish(routings: Sequence[Routing]) -> None:
+        publish_and_mark(app, settings, factory, routings)
+
+    # Registered before the models load, and beating while they load: a second worker for this
+    # device refuses at once, and a killed predecessor's running jobs are rescued right away.
+    liveness = Liveness(settings, factory, dev, names, republish)
+    with ledger_errors(settings):
+        liveness.register()
+    liveness.start()
     try:
-        app.worker_main([
-            *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={threads}",
-            f"--queues={','.join(queues)}", f"--hostname={worker_hostname(settings, str(dev))}",
-            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
-        ])
+        loaded = load_resolved(settings, factory, dev, references)
+        engines = {name: engine for name, (engine, _) in loaded.items()}
+        queues = [generation_queue(m) for m in names] + [dev.queue]
+        threads = (concurrency or settings.worker_concurrency
+                   or 2 * max(settings.batching_for(m).max_batch for m in names))
+        runtime = DeviceRuntime(settings, factory, engines, worker_name=dev.name, republish=republish)
+        runtime.start()
+        # Promotions and rollbacks reach this worker through a registry poll (inference/versions.py).
+        runtime.watcher = ModelWatcher(
+            settings, factory, engines, {parse_reference(r)[0]: r for r in references}, worker=dev.name,
+            load=lambda resolved: load_engine(resolved, dev),
+            run_on_loop=lambda call: runtime.batcher.call_on_loop(call).result(timeout=settings.max_job_seconds))
+        for name, (_, resolved) in loaded.items():
+            runtime.watcher.loaded(name, resolved.version_id)
+        runtime.watcher.start()
+        generation.install_runtime(runtime)
+        log.info("device_worker_starting device=%s models=%s queues=%s threads=%d cuda_visible_devices=%s "
+                 "torch_device=%s", dev, names, queues, threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                 dev.torch_device)
+        try:
+            # app.start returns Celery's exit status (worker_main would drop it): a worker that
+            # stopped on an unrecoverable error must exit non-zero so its supervisor restarts it.
+            status = app.start([
+                *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={threads}",
+                f"--queues={','.join(queues)}", f"--hostname={dev.hostname}",
+                f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
+            ])
+        finally:
+            generation.install_runtime(None)
+            runtime.stop()
     finally:
-        generation.install_runtime(None)
-        runtime.stop()
+        liveness.stop()
+    return int(status or 0)
 
 
 def run_maintenance_worker(*, loglevel: str = "INFO", concurrency: int | None = None, only: str | None = None) -> None:
@@ -170,10 +197,14 @@ def device_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=None)
     args = parser.parse_args(argv)
     try:
-        run_device_worker(args.device, args.models.split(",") if args.models else None,
-                          concurrency=args.concurrency, loglevel=args.loglevel, torch_threads=args.torch_threads)
+        status = run_device_worker(args.device, args.models.split(",") if args.models else None,
+                                   concurrency=args.concurrency, loglevel=args.loglevel,
+                                   torch_threads=args.torch_threads)
     except TextNLPError as error:
         _fail(error)
+    if status:
+        log.error("device_worker_exit status=%d", status)
+        sys.exit(status)
 
 
 def maintenance_main(argv: Sequence[str] | None = None) -> None:

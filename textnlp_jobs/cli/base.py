@@ -51,7 +51,9 @@ def _stdout_console() -> Console:
 
 
 console = _stdout_console()  # stdout: data only
-err_console = Console(stderr=True)  # stderr: progress, messages, errors
+# stderr: progress, messages, errors. Soft wrap: a message is one line the terminal wraps, never
+# broken into lines at 80 columns when stderr is a log file or a pipe.
+err_console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger(__name__)
 
 # The `--json` option every data command takes.

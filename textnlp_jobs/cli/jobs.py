@@ -19,6 +19,9 @@ from textnlp_jobs.display import job_detail, job_table, wait_summary
 from textnlp_jobs.errors import JobAlreadyFinishedError, UsageError
 from textnlp_jobs.settings import get_settings
 
+# `submit` exit status when the jobs were created but the broker was unreachable (see README).
+EXIT_QUEUED_UNPUBLISHED = 3
+
 # Up to this many jobs `wait` prints a table; past it, a summary.
 WAIT_TABLE_LIMIT = 20
 
@@ -102,9 +105,21 @@ def submit(
         spec["max_new_tokens"] = max_new_tokens
     specs = [dict(spec, idempotency_key=f"{idempotency_key}:{i}" if idempotency_key and count > 1
                   else idempotency_key) for i in range(count)]
+    unpublished: list[Exception] = []
     with progress() as bar:
         task = bar.add_task("submitting", total=len(specs))
-        jobs = client.submit_many(specs, progress=lambda n: bar.advance(task, n))
+        jobs = client.submit_many(specs, progress=lambda n: bar.advance(task, n),
+                                  on_unpublished=lambda _count, error: unpublished.append(error))
+    if unpublished:
+        # The jobs exist (the ledger is the truth): print their ids, warn on stderr, and exit
+        # with a code of its own so scripts know not to submit again.
+        if as_json:
+            emit_json(jobs)
+        else:
+            sys.stdout.write("".join(f"{job.id}\n" for job in jobs))
+        print(f"warning broker.unreachable: the broker could not be reached; {len(jobs)} job(s) are queued in "
+              "the ledger and the reconciler will send them", file=sys.stderr)
+        raise typer.Exit(EXIT_QUEUED_UNPUBLISHED)
     if not wait:
         if as_json:
             emit_json(jobs)

@@ -20,10 +20,11 @@ def models_bootstrap(name: Annotated[str, typer.Argument(help="demo, small or ti
 
     settings = get_settings()
     ensure_ledger(settings)
-    if name in RECIPES and RECIPES[name].build_note:
-        say(f"building {name}: {RECIPES[name].build_note}")
+    recipe = RECIPES.get(name)  # an unknown name is refused by bootstrap_model
+    if recipe is not None:
+        say(f"building {name}: {recipe.build_note}")
     with progress() as bar:
-        task = bar.add_task(f"building {name}", total=RECIPES[name].train_steps or 1 if name in RECIPES else 1)
+        task = bar.add_task(f"training {name} (steps)", total=recipe.train_steps or 1 if recipe else 1)
         built = bootstrap_model(settings, name, progress=lambda done, _total: bar.update(task, completed=done))
     say(f"registered {name} version {built.version} at {built.path}" + (" (from the build cache)"
                                                                          if built.from_cache else ""))

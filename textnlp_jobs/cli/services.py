@@ -9,17 +9,41 @@ import typer
 
 from textnlp_jobs import launcher
 from textnlp_jobs.cli.base import app, console, ensure_ledger, err_console, say
-from textnlp_jobs.errors import ConfigurationError, ErrorCode
+from textnlp_jobs.devices import Device
+from textnlp_jobs.errors import ConfigurationError, ErrorCode, InputError
 from textnlp_jobs.settings import get_settings
+from textnlp_jobs.supervisor import Child, supervise
 
 
 def _checked_device(device: str) -> str:
-    from textnlp_jobs.inference.device import DeviceId
-
     try:
-        return str(DeviceId.parse(device))
-    except ValueError as error:
-        raise ConfigurationError(str(error), code=ErrorCode.CONFIG_DEVICE_INVALID) from None
+        return Device.parse(device, get_settings().node_name).name
+    except InputError as error:
+        raise ConfigurationError(error.message, code=ErrorCode.CONFIG_DEVICE_INVALID) from None
+
+
+def _rescue_crashed(child: Child) -> None:
+    """The supervisor saw a device worker die: mark it dead and requeue its running jobs now,
+    before its replacement has even started."""
+    import socket
+
+    from textnlp_jobs.celery_app import create_app
+    from textnlp_jobs.db import device_workers
+    from textnlp_jobs.db.session import session_factory
+    from textnlp_jobs.liveness import rescue_orphans
+    from textnlp_jobs.publish import publish_and_mark
+
+    if child.pid is None:
+        return
+    settings = get_settings()
+    factory = session_factory(settings)
+    with factory.begin() as session:
+        device_workers.mark_dead(session, socket.gethostname(), child.pid)
+    celery = create_app(settings)
+    try:
+        rescue_orphans(settings, factory, lambda routings: publish_and_mark(celery, settings, factory, routings))
+    finally:
+        celery.close()
 
 
 @app.command()
@@ -44,11 +68,13 @@ def worker(
     if all_devices:
         devices = launcher.all_device_names()
         say(f"starting {len(devices)} device worker(s): {', '.join(devices)}")
-        raise typer.Exit(launcher.supervise([
-            launcher.device_worker_command(d, models=model_list, loglevel=loglevel, concurrency=concurrency)
-            for d in devices]))
-    worker_main.run_device_worker(_checked_device(device or "cpu.0"), model_list, concurrency=concurrency,
-                                  loglevel=loglevel)
+        raise typer.Exit(supervise(
+            {d: launcher.device_worker_command(d, models=model_list, loglevel=loglevel, concurrency=concurrency)
+             for d in devices},
+            backoff=settings.restart_backoff_seconds, on_crash=_rescue_crashed))
+    status = worker_main.run_device_worker(_checked_device(device or "cpu.0"), model_list, concurrency=concurrency,
+                                           loglevel=loglevel)
+    raise typer.Exit(status)
 
 
 @app.command()
@@ -71,9 +97,10 @@ def flower(
     = "127.0.0.1",
 ) -> None:
     """Run Flower; refuses to start without TEXTNLP_FLOWER_BASIC_AUTH=user:password."""
-    credentials = os.environ.get("TEXTNLP_FLOWER_BASIC_AUTH")
-    if not credentials or ":" not in credentials:
-        raise ConfigurationError("Flower needs authentication: set TEXTNLP_FLOWER_BASIC_AUTH=user:password")
+    from textnlp_jobs.flower_auth import check_basic_auth
+
+    credentials = check_basic_auth(os.environ.get("TEXTNLP_FLOWER_BASIC_AUTH"),
+                                   get_settings().flower_min_password_length)
     from textnlp_jobs.celery_app import app as celery
 
     os.environ["FLOWER_BASIC_AUTH"] = credentials  # read by Flower, never put on a command line
@@ -87,6 +114,7 @@ def check() -> None:
 
     from textnlp_jobs.celery_app import create_app
     from textnlp_jobs.cli.failures import expected
+    from textnlp_jobs.db.health import UPGRADE_HINT, schema_status
     from textnlp_jobs.db.session import get_engine
 
     settings = get_settings()
@@ -94,7 +122,13 @@ def check() -> None:
     try:
         with get_engine(settings).connect() as connection:
             connection.execute(text("SELECT 1"))
-        console.print("ledger: ok")
+        schema = schema_status(settings)
+        if schema.up_to_date:
+            console.print("ledger: ok")
+        else:
+            healthy = False
+            at = f"at revision {schema.current}" if schema.current else "never migrated"
+            console.print(f"ledger: FAILED (schema {at}, needs {schema.head}: {UPGRADE_HINT})", markup=False)
     except Exception as error:
         healthy = False
         known = expected(error)

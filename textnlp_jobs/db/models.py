@@ -241,3 +241,22 @@ class MaintenanceRun(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     result: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class DeviceWorker(Base):
+    """A device and the worker process that serves it: the registry producers validate pinned
+    jobs against, and the heartbeat by which a dead worker's running jobs are rescued."""
+
+    __tablename__ = "device_workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # "node/cuda.0" (Device.name)
+    node: Mapped[str] = mapped_column(String(128))
+    device: Mapped[str] = mapped_column(String(32))  # "cuda.0"
+    hostname: Mapped[str] = mapped_column(String(255))  # Celery hostname, "gen-cuda0@node"
+    models: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)  # {"served": [...]}
+    instance: Mapped[str] = mapped_column(String(64))  # one per process start
+    host: Mapped[str] = mapped_column(String(255))  # the machine the process runs on
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime | None]
+    stopped_at: Mapped[datetime | None]

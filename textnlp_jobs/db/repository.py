@@ -15,12 +15,30 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    Text,
+    Uuid,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    column,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+    values,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from textnlp_jobs.db.models import AuditLog, Generation, JobStatus, Prompt, utcnow
-from textnlp_jobs.errors import ErrorCode
+from textnlp_jobs.errors import ErrorCode, IdempotencyConflictError
 
 RESULT_WRITTEN = "generation.result_written"
 
@@ -39,6 +57,9 @@ class NewJob:
     deadline: datetime | None = None
     device: str | None = None
     prompt_tokens: int | None = None
+    # False when the seed was drawn for the job, not given: an idempotent resubmission without a
+    # seed then matches the stored job whatever seed was drawn for it.
+    seed_explicit: bool = True
     id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 
@@ -134,10 +155,51 @@ def existing_by_idempotency_key(session: Session, keys: Iterable[str]) -> dict[s
     return {record.idempotency_key: record for record in map(_to_record, rows) if record.idempotency_key}
 
 
+def _fingerprint(prompt_sha256: str, model: str, max_new_tokens: int, params: dict[str, Any], priority: int,
+                 device: str | None, deadline: datetime | None, max_attempts: int) -> dict[str, Any]:
+    """What an idempotency key promises stays the same between two submissions."""
+    return {"prompt": prompt_sha256, "model": model, "max_new_tokens": max_new_tokens,
+            **{name: params.get(name) for name in ("temperature", "top_p", "top_k", "seed")},
+            "priority": priority, "device": device, "deadline": deadline, "max_attempts": max_attempts}
+
+
+def _job_fingerprint(job: NewJob) -> dict[str, Any]:
+    return _fingerprint(hashlib.sha256(job.prompt.encode("utf-8")).hexdigest(), job.model, job.max_new_tokens,
+                        job.params, job.priority, job.device, job.deadline, job.max_attempts)
+
+
+def _stored_fingerprints(session: Session, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    keys = list(keys)
+    if not keys:
+        return {}
+    g = Generation
+    rows = session.execute(
+        select(g.idempotency_key, Prompt.sha256, g.model, g.max_new_tokens, g.params, g.priority, g.device,
+               g.deadline, g.max_attempts)
+        .join(Prompt, Prompt.id == g.prompt_id).where(g.idempotency_key.in_(keys))
+    ).all()
+    return {row[0]: _fingerprint(*row[1:]) for row in rows}
+
+
+def _check_idempotency(job: NewJob, reference: dict[str, Any]) -> None:
+    """Refuse a key reused with other parameters (a drawn seed is not a parameter the caller chose)."""
+    mine = _job_fingerprint(job)
+    differing = [name for name, value in mine.items()
+                 if value != reference[name] and (name != "seed" or job.seed_explicit)]
+    if differing:
+        raise IdempotencyConflictError(job.idempotency_key or "", differing)
+
+
 def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
     """Insert new jobs in one round of batched INSERTs; an idempotency key already known returns
-    the job it names instead of creating another. Returns one record per input, in order."""
+    the job it names instead of creating another, provided the parameters are the same (else
+    ``IdempotencyConflictError`` names what differs). Returns one record per input, in order."""
     existing = existing_by_idempotency_key(session, (j.idempotency_key for j in jobs if j.idempotency_key))
+    references = _stored_fingerprints(session, existing)
+    for job in jobs:
+        if job.idempotency_key:
+            reference = references.setdefault(job.idempotency_key, _job_fingerprint(job))
+            _check_idempotency(job, reference)
     now = utcnow()
     fresh: list[NewJob] = []
     seen_keys: dict[str, NewJob] = {}
@@ -261,28 +323,51 @@ def cancel(session: Session, job_id: uuid.UUID, actor: str = "client") -> str | 
 
 # --- workers --------------------------------------------------------------------------------
 
-def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: float) -> ClaimOutcome:
-    """Take a queued job for one attempt: ``queued -> running``, ``attempts + 1``, a lease."""
+def _id_in(session: Session, column: Any, ids: Sequence[uuid.UUID]) -> Any:
+    """``column = ANY(:ids)`` on PostgreSQL (one array parameter, one cached plan); ``IN`` elsewhere."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam("group_ids", list(ids), type_=ARRAY(Uuid())))
+    return column.in_(list(ids))
+
+
+def claim_many(session: Session, job_ids: Sequence[uuid.UUID], worker: str,
+               lease_seconds: float) -> dict[uuid.UUID, ClaimOutcome]:
+    """Take a group of queued jobs for one attempt each in ONE statement: ``queued -> running``,
+    ``attempts + 1``, a lease; the prompt comes back with the row (UPDATE ... FROM prompts
+    RETURNING). Ids that could not be claimed get their reason (a second query, only for them)."""
+    ids = sorted(set(job_ids))  # one lock order for every worker: no deadlock between two groups
+    if not ids:
+        return {}
     now = utcnow()
     g = Generation
-    claimed = session.execute(
+    claimed_columns = (g.id, g.attempts, Prompt.text, g.model, g.params, g.max_new_tokens, g.deadline, g.created_at)
+    statement = (
         update(g)
-        .where(
-            g.id == job_id, g.status == JobStatus.QUEUED.value, g.attempts < g.max_attempts,
-            or_(g.deadline.is_(None), g.deadline > now),
-        )
+        .where(_id_in(session, g.id, ids), g.status == JobStatus.QUEUED.value, g.attempts < g.max_attempts,
+               or_(g.deadline.is_(None), g.deadline > now))
         .values(status=JobStatus.RUNNING.value, attempts=g.attempts + 1, worker=worker,
                 lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now, updated_at=now)
-        .returning(g.attempts)
-    ).first()
-    if claimed is not None:
-        row = session.execute(
-            select(g.id, g.attempts, Prompt.text, g.model, g.params, g.max_new_tokens, g.deadline, g.created_at)
-            .join(Prompt, Prompt.id == g.prompt_id)
-            .where(g.id == job_id)
-        ).one()
-        return ClaimOutcome(ClaimedJob(*row), "claimed")
-    state = session.execute(select(g.status, g.attempts, g.max_attempts, g.deadline).where(g.id == job_id)).first()
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(statement.where(Prompt.id == g.prompt_id).returning(*claimed_columns),
+                               execution_options={"synchronize_session": False}).all()
+    else:  # SQLite's RETURNING cannot name a joined table: read the prompts of the claimed rows
+        taken = session.execute(statement.returning(g.id), execution_options={"synchronize_session": False})
+        taken_ids = list(taken.scalars().all())
+        rows = session.execute(select(*claimed_columns).join(Prompt, Prompt.id == g.prompt_id)
+                               .where(g.id.in_(taken_ids))).all() if taken_ids else []
+    out = {row[0]: ClaimOutcome(ClaimedJob(*row), "claimed") for row in rows}
+    missed = [job_id for job_id in ids if job_id not in out]
+    if missed:
+        states = {row.id: row for row in session.execute(
+            select(g.id, g.status, g.attempts, g.max_attempts, g.deadline).where(_id_in(session, g.id, missed))
+        ).all()}
+        for job_id in missed:
+            out[job_id] = _why_not_claimed(session, job_id, states.get(job_id), now)
+    return out
+
+
+def _why_not_claimed(session: Session, job_id: uuid.UUID, state: Any, now: datetime) -> ClaimOutcome:
     if state is None:
         return ClaimOutcome(None, "missing")
     if state.status != JobStatus.QUEUED.value:
@@ -294,6 +379,11 @@ def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: float
     _finish_unclaimed(session, job_id, JobStatus.DEAD, ErrorCode.JOB_MAX_ATTEMPTS,
                       f"gave up after {state.attempts} attempts")
     return ClaimOutcome(None, "dead")
+
+
+def claim(session: Session, job_id: uuid.UUID, worker: str, lease_seconds: float) -> ClaimOutcome:
+    """Take one queued job for one attempt (``claim_many`` of one)."""
+    return claim_many(session, [job_id], worker, lease_seconds)[job_id]
 
 
 def _finish_unclaimed(session: Session, job_id: uuid.UUID, status: JobStatus, code: str, message: str) -> None:
@@ -323,21 +413,76 @@ def _owned_by(job_id: uuid.UUID, attempt: int) -> Any:
                 Generation.attempts == attempt)
 
 
+@dataclass(frozen=True)
+class Finished:
+    """One attempt's result, for a group write."""
+
+    job_id: uuid.UUID
+    attempt: int
+    outcome: Outcome
+
+
+def write_successes(session: Session, results: Sequence[Finished], worker: str) -> set[uuid.UUID]:
+    """Write a group of results in ONE statement (``UPDATE ... FROM (VALUES ...)`` on PostgreSQL),
+    each row only ``WHERE status = 'running' AND attempts = <its claimed attempt>``, plus one
+    multi-row INSERT of their audit rows. Returns the ids actually written."""
+    results = sorted(results, key=lambda r: r.job_id)  # the claim's lock order
+    if not results:
+        return set()
+    now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        written = _write_values(session, results, now)
+    else:  # SQLite (embedded): one conditional UPDATE per row, same transaction
+        written = {r.job_id for r in results if session.execute(
+            update(Generation).where(_owned_by(r.job_id, r.attempt)).values(**_success_values(r.outcome, now))
+        ).rowcount}  # type: ignore[attr-defined]
+    audits = [_audit_row(worker, RESULT_WRITTEN, r.job_id, {"attempt": r.attempt, "tokens": r.outcome.tokens_generated})
+              for r in results if r.job_id in written]
+    if audits:
+        session.execute(insert(AuditLog), audits)
+    return written
+
+
+def _success_values(outcome: Outcome, now: datetime) -> dict[str, Any]:
+    return {
+        "status": JobStatus.SUCCEEDED.value, "result_text": outcome.text,
+        "tokens_generated": outcome.tokens_generated, "mean_logprob": outcome.mean_logprob,
+        "model_version": outcome.model_version, "batch_size": outcome.batch_size,
+        "queue_wait_seconds": outcome.queue_wait_seconds, "inference_seconds": outcome.inference_seconds,
+        "error_code": None, "error_message": None, "lease_expires_at": None, "finished_at": now, "updated_at": now,
+    }
+
+
+def _write_values(session: Session, results: Sequence[Finished], now: datetime) -> set[uuid.UUID]:
+    g = Generation
+    # Typed columns and casts: a column whose every value is NULL would otherwise be typed text.
+    v = values(
+        column("id", Uuid()), column("attempt", Integer()), column("text", Text()), column("tokens", Integer()),
+        column("logprob", Float()), column("version", String()), column("batch", Integer()),
+        column("wait", Float()), column("inference", Float()), name="v",
+    ).data([
+        (r.job_id, r.attempt, r.outcome.text, r.outcome.tokens_generated, r.outcome.mean_logprob,
+         r.outcome.model_version, r.outcome.batch_size, r.outcome.queue_wait_seconds, r.outcome.inference_seconds)
+        for r in results
+    ])
+    rows = session.execute(
+        update(g)
+        .where(g.id == cast(v.c.id, Uuid()), g.status == JobStatus.RUNNING.value,
+               g.attempts == cast(v.c.attempt, Integer()))
+        .values(status=JobStatus.SUCCEEDED.value, result_text=cast(v.c.text, Text()),
+                tokens_generated=cast(v.c.tokens, Integer()), mean_logprob=cast(v.c.logprob, Float()),
+                model_version=cast(v.c.version, String()), batch_size=cast(v.c.batch, Integer()),
+                queue_wait_seconds=cast(v.c.wait, Float()), inference_seconds=cast(v.c.inference, Float()),
+                error_code=None, error_message=None, lease_expires_at=None, finished_at=now, updated_at=now)
+        .returning(g.id),
+        execution_options={"synchronize_session": False},
+    ).scalars().all()
+    return set(rows)
+
+
 def write_success(session: Session, job_id: uuid.UUID, attempt: int, outcome: Outcome, worker: str) -> bool:
     """Write the result of ``attempt`` unless another attempt owns the row. True when written."""
-    now = utcnow()
-    written = session.execute(
-        update(Generation)
-        .where(_owned_by(job_id, attempt))
-        .values(status=JobStatus.SUCCEEDED.value, result_text=outcome.text,
-                tokens_generated=outcome.tokens_generated, mean_logprob=outcome.mean_logprob,
-                model_version=outcome.model_version, batch_size=outcome.batch_size,
-                queue_wait_seconds=outcome.queue_wait_seconds, inference_seconds=outcome.inference_seconds,
-                error_code=None, error_message=None, lease_expires_at=None, finished_at=now, updated_at=now)
-    ).rowcount  # type: ignore[attr-defined]
-    if written:
-        _audit(session, worker, RESULT_WRITTEN, job_id, {"attempt": attempt, "tokens": outcome.tokens_generated})
-    return bool(written)
+    return job_id in write_successes(session, [Finished(job_id, attempt, outcome)], worker)
 
 
 def write_failure(
@@ -396,11 +541,13 @@ def cancelled_or_overdue(session: Session, claims: Sequence[tuple[uuid.UUID, int
     return set(attempts) - live
 
 
+def _audit_row(actor: str, action: str, job_id: uuid.UUID, details: dict[str, Any]) -> dict[str, Any]:
+    return {"at": utcnow(), "actor": actor[:255], "action": action, "entity_type": "generation",
+            "entity_id": str(job_id), "details": details}
+
+
 def _audit(session: Session, actor: str, action: str, job_id: uuid.UUID, details: dict[str, Any]) -> None:
-    session.execute(insert(AuditLog).values(
-        at=utcnow(), actor=actor[:255], action=action, entity_type="generation",
-        entity_id=str(job_id), details=details,
-    ))
+    session.execute(insert(AuditLog).values(**_audit_row(actor, action, job_id, details)))
 
 
 def expire_claimed(session: Session, job_id: uuid.UUID, attempt: int) -> bool:

@@ -90,22 +90,35 @@ def bootstrap_model(settings: Settings, name: str, *,
         raise TextNLPError(f"no recipe for model {name!r} (known: {', '.join(RECIPES)})",
                            code=ErrorCode.MODELS_UNKNOWN_RECIPE)
     recipe = RECIPES[name]
-    cache = settings.model_cache_dir()
-    cached = cache / f"{name}-{recipe_key(name)}" if cache is not None else None
-    from_cache = cached is not None and cached.is_dir()
+    from_cache = False
 
     def build(target: Path) -> None:
-        if from_cache and cached is not None:
-            shutil.copytree(cached, target, dirs_exist_ok=True)
-        else:
-            build_model(name, target, progress=progress)
+        nonlocal from_cache
+        from_cache = build_cached(name, target, settings.model_cache_dir(), progress=progress)
 
     path = store.build_into_store(settings.model_store_dir(), name, build)
-    if cached is not None and not from_cache:
-        _fill_cache(path, cached)
     with session_factory(settings).begin() as session:
         version = store.register_version(session, name, path, description=recipe.description)
         return Bootstrapped(name, version.version, path, from_cache)
+
+
+def cached_build(cache: Path | None, name: str) -> Path | None:
+    """Where ``cache`` keeps the build of recipe ``name`` (None without a cache); it may not exist yet."""
+    return cache / f"{name}-{recipe_key(name)}" if cache is not None else None
+
+
+def build_cached(name: str, target: Path, cache: Path | None, *,
+                 progress: Callable[[int, int], None] | None = None) -> bool:
+    """Write model ``name`` at ``target``: a copy from ``cache`` when it holds this recipe's build,
+    else a fresh build that then fills the cache. Returns True when it came from the cache."""
+    cached = cached_build(cache, name)
+    if cached is not None and cached.is_dir():
+        shutil.copytree(cached, target, dirs_exist_ok=True)
+        return True
+    build_model(name, target, progress=progress)
+    if cached is not None:
+        _fill_cache(target, cached)
+    return False
 
 
 def _fill_cache(built: Path, cached: Path) -> None:

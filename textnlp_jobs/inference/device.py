@@ -1,8 +1,11 @@
 """One device's runtime: its loaded models, its batching loop, and the life of one job on it.
 
 ``DeviceRuntime.run_job`` is what a Celery task thread calls: claim the row, hand the job to the
-batching loop, wait for its own result, write it exactly once. It knows nothing of Celery; the
-task module is a thin shell around it.
+batching loop, wait for its own result, write it exactly once. Claims and result writes are
+group-committed (``groups.GroupRunner``): the task threads that wait at the same time share one
+claim statement and one write statement, and each thread returns (so Celery acks its message)
+only after its row is written. It knows nothing of Celery; the task module is a thin shell
+around it.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.models import utcnow
+from textnlp_jobs.devices import Device
 from textnlp_jobs.errors import (
     ErrorCode,
     InferenceError,
@@ -28,7 +31,9 @@ from textnlp_jobs.errors import (
 )
 from textnlp_jobs.inference import store
 from textnlp_jobs.inference.batcher import MicroBatcher, PendingJob
+from textnlp_jobs.inference.continuous import ContinuousBatcher
 from textnlp_jobs.inference.engine import Engine, EngineRequest, SamplingParams
+from textnlp_jobs.inference.groups import GroupRunner
 from textnlp_jobs.inference.versions import ModelWatcher
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.settings import Settings
@@ -38,30 +43,7 @@ log = logging.getLogger(__name__)
 Republish = Callable[[Sequence[repo.Routing]], None]
 
 
-@dataclass(frozen=True)
-class DeviceId:
-    """A device as operators name it: ``cuda.0``, ``cpu.1``."""
-
-    kind: str
-    index: int
-
-    @classmethod
-    def parse(cls, text: str) -> DeviceId:
-        kind, _, index = text.replace(":", ".").partition(".")
-        if kind not in ("cuda", "cpu") or not (index or "0").isdigit():
-            raise ValueError(f"device {text!r} is not like 'cuda.0' or 'cpu.0'")
-        return cls(kind, int(index or 0))
-
-    def __str__(self) -> str:
-        return f"{self.kind}.{self.index}"
-
-    @property
-    def torch_device(self) -> str:
-        # CUDA_VISIBLE_DEVICES pins the process to its GPU, which it then sees as cuda:0.
-        return "cuda:0" if self.kind == "cuda" else "cpu"
-
-
-def load_engines(settings: Settings, factory: sessionmaker[Session], device: DeviceId,
+def load_engines(settings: Settings, factory: sessionmaker[Session], device: Device,
                  models: Sequence[str]) -> dict[str, Engine]:
     """Load every model placed on ``device`` once (``DeviceRuntime.start`` warms them up). A
     placement reference ``small@int8`` loads that variant under the model's own name (``small``).
@@ -69,7 +51,7 @@ def load_engines(settings: Settings, factory: sessionmaker[Session], device: Dev
     return {name: engine for name, (engine, _) in load_resolved(settings, factory, device, models).items()}
 
 
-def load_resolved(settings: Settings, factory: sessionmaker[Session], device: DeviceId,
+def load_resolved(settings: Settings, factory: sessionmaker[Session], device: Device,
                   models: Sequence[str]) -> dict[str, tuple[Engine, store.ResolvedModel]]:
     """``load_engines`` with the registry's answer for each model (its version's id)."""
     loaded: dict[str, tuple[Engine, store.ResolvedModel]] = {}
@@ -81,10 +63,24 @@ def load_resolved(settings: Settings, factory: sessionmaker[Session], device: De
     return loaded
 
 
-def load_engine(resolved: store.ResolvedModel, device: DeviceId) -> Engine:
+def load_engine(resolved: store.ResolvedModel, device: Device) -> Engine:
     from textnlp_jobs.inference.engine import TransformersEngine
 
     return TransformersEngine(resolved.name, resolved.version, resolved.path, device.torch_device)
+
+
+def batching_mode(settings: Settings, engines: dict[str, Engine]) -> str:
+    """The device's loop: continuous when every model on it asks for continuous (or defaults to
+    it on this device) and its engine can decode row by row; static otherwise."""
+    modes = {name: settings.batching_for(name).mode_on(engine.device) for name, engine in engines.items()}
+    def can_continue(engine: Engine) -> bool:
+        return bool(getattr(engine, "supports_continuous", hasattr(engine, "decoder")))
+
+    if modes and all(mode == "continuous" and can_continue(engines[name]) for name, mode in modes.items()):
+        return "continuous"
+    if "continuous" in modes.values():
+        log.warning("batching_mode_static device_models=%s reason=mixed_modes", modes)
+    return "static"
 
 
 class DeviceRuntime:
@@ -97,13 +93,19 @@ class DeviceRuntime:
         self.engines = engines
         self.worker_name = worker_name
         self.republish = republish
-        self.batcher = MicroBatcher(engines, settings.batching_for, drop_filter=self._drop_filter,
-                                    name=worker_name)
+        self.mode = batching_mode(settings, engines)
+        batcher = ContinuousBatcher if self.mode == "continuous" else MicroBatcher
+        self.batcher: MicroBatcher | ContinuousBatcher = batcher(
+            engines, settings.batching_for, drop_filter=self._drop_filter, name=worker_name)
+        self.claims: GroupRunner[uuid.UUID, repo.ClaimOutcome] = GroupRunner("claim", self._claim_group)
+        self.writes: GroupRunner[repo.Finished, bool] = GroupRunner("write", self._write_group)
         # Set by the worker: switches versions on promotion and records loads and use (versions.py).
         self.watcher: ModelWatcher | None = None
 
     def start(self) -> None:
         """Start the batching loop and warm every model up on it, before any job arrives."""
+        self.claims.start()
+        self.writes.start()
         self.batcher.start()
         for engine in self.engines.values():
             warm_up = getattr(engine, "warm_up", None)
@@ -114,16 +116,19 @@ class DeviceRuntime:
         if self.watcher is not None:
             self.watcher.stop()
         self.batcher.stop()
+        self.claims.stop()
+        self.writes.stop()
 
     def run_job(self, job_id: uuid.UUID) -> str:
         """Run one delivery of a job. Returns what happened (a status, or why nothing ran)."""
-        with self.sessions.begin() as session:
-            outcome = repo.claim(session, job_id, self.worker_name, self.settings.lease_seconds)
+        outcome = self.claims.submit(job_id).result()
         job = outcome.job
         if job is None:
             log.info("job_not_run job=%s reason=%s", job_id, outcome.reason)
             metrics.JOBS_DROPPED.labels("unknown", outcome.reason).inc()
             return outcome.reason
+        if job.model not in self.engines:
+            return self._not_served_here(job)
         metrics.QUEUE_WAIT.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
         try:
             request = self._request_for(job)
@@ -139,13 +144,12 @@ class DeviceRuntime:
         except TextNLPError as error:
             return self._failed(job, error, retry=error.retryable)
         result = done.result
-        with self.sessions.begin() as session:
-            written = repo.write_success(session, job.id, job.attempt, repo.Outcome(
-                text=result.text, tokens_generated=result.tokens_generated, mean_logprob=result.mean_logprob,
-                model_version=done.model_version, batch_size=done.batch_size,
-                queue_wait_seconds=(utcnow() - job.created_at).total_seconds() - done.inference_seconds,
-                inference_seconds=done.inference_seconds,
-            ), self.worker_name)
+        written = self.writes.submit(repo.Finished(job.id, job.attempt, repo.Outcome(
+            text=result.text, tokens_generated=result.tokens_generated, mean_logprob=result.mean_logprob,
+            model_version=done.model_version, batch_size=done.batch_size,
+            queue_wait_seconds=(utcnow() - job.created_at).total_seconds() - done.inference_seconds,
+            inference_seconds=done.inference_seconds,
+        ))).result()
         if not written:  # cancelled meanwhile, or the lease went to another attempt
             log.info("result_discarded job=%s attempt=%d", job.id, job.attempt)
             return "discarded"
@@ -153,6 +157,21 @@ class DeviceRuntime:
         if self.watcher is not None:
             self.watcher.used(job.model)
         return "succeeded"
+
+    def _claim_group(self, ids: Sequence[uuid.UUID]) -> list[repo.ClaimOutcome]:
+        with self.sessions.begin() as session:
+            claimed = repo.claim_many(session, ids, self.worker_name, self.settings.lease_seconds)
+        seen: set[uuid.UUID] = set()
+        out = []
+        for job_id in ids:  # the same job twice in one group (a redelivery): only the first runs it
+            out.append(claimed[job_id] if job_id not in seen else repo.ClaimOutcome(None, "not_queued"))
+            seen.add(job_id)
+        return out
+
+    def _write_group(self, results: Sequence[repo.Finished]) -> list[bool]:
+        with self.sessions.begin() as session:
+            written = repo.write_successes(session, results, self.worker_name)
+        return [r.job_id in written for r in results]
 
     def _request_for(self, job: repo.ClaimedJob) -> EngineRequest:
         engine = self.engines.get(job.model)
@@ -187,6 +206,16 @@ class DeviceRuntime:
             routing = repo.release(session, job.id, job.attempt)
         if routing is not None:
             self.republish([routing])
+        return "released"
+
+    def _not_served_here(self, job: repo.ClaimedJob) -> str:
+        """A pinned job for a model this worker does not serve (placement changed after it was
+        queued) is handed back, never failed: the attempt is not counted, and the reconciler sends
+        it again after its grace period, by when the device may serve the model."""
+        with self.sessions.begin() as session:
+            repo.release(session, job.id, job.attempt)
+        log.warning("job_handed_back job=%s model=%s reason=model_not_on_device device=%s",
+                    job.id, job.model, self.worker_name)
         return "released"
 
     def _failed(self, job: repo.ClaimedJob, error: TextNLPError, *, retry: bool) -> str:

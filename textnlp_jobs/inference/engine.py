@@ -86,67 +86,85 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
+def choose_tokens(logits: Any, requests: Sequence[EngineRequest], generators: Sequence[Any],
+                  first: Sequence[bool], eos_id: int, vocab_limit: int) -> tuple[Any, Any]:
+    """Each row's next token and the model's log-probability of it, both ``[rows]`` tensors.
+
+    Greedy rows take the argmax, sampled rows draw with their own generator (so a seeded row
+    draws the same numbers in any batch), a row at its ``first`` step may not end at once (an
+    empty result helps no one). The static engine and the continuous decoder both pick here."""
+    import torch
+
+    logits = logits.float()
+    if logits.shape[-1] > vocab_limit:  # padded embedding rows are not tokens
+        logits[:, vocab_limit:] = -math.inf
+    log_probs = torch.log_softmax(logits, dim=-1)
+    firsts = [row for row, is_first in enumerate(first) if is_first]
+    if firsts:
+        logits[firsts, eos_id] = -math.inf
+    chosen = torch.argmax(logits, dim=-1)
+    for row, request in enumerate(requests):
+        if not request.sampling.greedy:
+            chosen[row] = _sample(logits[row], request.sampling, generators[row])
+    picked = log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    return chosen, picked
+
+
+def _sample(logits: Any, sampling: SamplingParams, generator: Any) -> Any:
+    import torch
+
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def seeded_generator(request: EngineRequest, device: Any) -> Any:
+    """A sampled row's own random stream (None for greedy rows), seeded by the job's seed."""
+    import torch
+
+    if request.sampling.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(request.seed if request.seed is not None else 0)
+    return generator
+
+
 class _RowwiseChooser:
-    """A logits processor that picks each row's next token itself (see the module docstring)
-    and records the model's log-probability of that token."""
+    """A logits processor that picks each row's next token itself (``choose_tokens``) and
+    records the model's log-probability of that token; a row past its own limit gets EOS."""
 
     def __init__(self, requests: Sequence[EngineRequest], prompt_width: int, eos_id: int,
                  vocab_limit: int, device: Any) -> None:
-        import torch
-
         self.requests = requests
         self.prompt_width = prompt_width
         self.eos_id = eos_id
         self.vocab_limit = vocab_limit
         self.logprobs: list[list[float]] = [[] for _ in requests]
-        self.generators = []
-        for request in requests:
-            generator = None
-            if not request.sampling.greedy:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(request.seed if request.seed is not None else 0)
-            self.generators.append(generator)
+        self.generators = [seeded_generator(request, device) for request in requests]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
         step = input_ids.shape[1] - self.prompt_width
-        logits = scores.float()
-        if logits.shape[-1] > self.vocab_limit:  # padded embedding rows are not tokens
-            logits[:, self.vocab_limit:] = -math.inf
-        log_probs = torch.log_softmax(logits, dim=-1)
-        if step == 0:  # every job gets at least one token: an empty result helps no one
-            logits[:, self.eos_id] = -math.inf
-        chosen = torch.argmax(logits, dim=-1)
+        chosen, picked = choose_tokens(scores, self.requests, self.generators, [step == 0] * len(self.requests),
+                                       self.eos_id, self.vocab_limit)
+        picked_list = picked.tolist()
         for row, request in enumerate(self.requests):
             if step >= request.max_new_tokens:
                 chosen[row] = self.eos_id
-                continue
-            if not request.sampling.greedy:
-                chosen[row] = self._sample(logits[row], request.sampling, self.generators[row])
-        picked = log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        for row, request in enumerate(self.requests):
-            if step < request.max_new_tokens:
-                self.logprobs[row].append(picked[row])
+            else:
+                self.logprobs[row].append(picked_list[row])
         forced = torch.full_like(scores, -math.inf)
         forced.scatter_(1, chosen.unsqueeze(1), 0.0)
         return forced
-
-    @staticmethod
-    def _sample(logits: Any, sampling: SamplingParams, generator: Any) -> Any:
-        import torch
-
-        logits = logits / sampling.temperature
-        if sampling.top_k:
-            kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        probs = torch.softmax(logits, dim=-1)
-        if sampling.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
-            sorted_probs = sorted_probs * keep
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 class TransformersEngine:
@@ -201,6 +219,21 @@ class TransformersEngine:
         """One tiny generation so the first job does not pay for lazy initialisation."""
         self.generate([EngineRequest(self.tokenize("Warm up"), 2, SamplingParams())])
 
+    def generator_for(self, request: EngineRequest) -> Any:
+        return seeded_generator(request, self.device)
+
+    @property
+    def supports_continuous(self) -> bool:
+        """The continuous decoder merges and trims full-attention caches; a sliding-window model
+        (its cache layers roll) runs static."""
+        return not getattr(self.model.config.get_text_config(), "sliding_window", None)
+
+    def decoder(self) -> Any:
+        """A running batch for continuous batching (``decoders.TransformersDecoder``)."""
+        from textnlp_jobs.inference.decoders import TransformersDecoder
+
+        return TransformersDecoder(self)
+
     def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -246,8 +279,9 @@ class StubEngine:
     """A deterministic engine with no model: text is the prompt's words reversed, one token per
     word. For unit tests of the batching loop; ``fail_above`` simulates out-of-memory."""
 
-    def __init__(self, model_name: str = "stub", *, fail_above: int | None = None) -> None:
+    def __init__(self, model_name: str = "stub", *, fail_above: int | None = None, step_seconds: float = 0.0) -> None:
         self.model_name = model_name
+        self.step_seconds = step_seconds
         self.model_version = "stub-1"
         self.device = "cpu"
         self.fail_above = fail_above
@@ -260,6 +294,11 @@ class StubEngine:
 
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenize(" ".join(f"{m['role']}: {m['content']}" for m in messages))
+
+    def decoder(self) -> Any:
+        from textnlp_jobs.inference.decoders import StubDecoder
+
+        return StubDecoder(self.fail_above, self.batches, self.step_seconds)
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         if self.fail_above is not None and len(requests) > self.fail_above:

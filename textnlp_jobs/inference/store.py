@@ -75,6 +75,23 @@ def resolve(session: Session, name: str, environment: str = "production") -> Res
     return registry.resolve(session, name, environment)
 
 
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+def max_positions(path: Path) -> int | None:
+    """The longest sequence (prompt + new tokens) the model at ``path`` can attend to, from its
+    ``config.json``; None when the directory or the field is not there."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in _POSITION_KEYS:
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def build_into_store(store: Path, name: str, build: Callable[[Path], object]) -> Path:
     """Build a model in a scratch directory inside the store, then move it to its version's place
     so a half-built model is never visible."""

@@ -93,15 +93,19 @@ def write(folder: Path, table: str, day: date, rows: Iterable[Mapping[str, Any]]
     target = _free_name(folder, table, day)
     partial = target.with_name(f".{target.name}.partial")
     count = 0
-    with partial.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) as handle:
-        for row in rows:
-            handle.write(json.dumps(row, default=_encode, separators=(",", ":"), ensure_ascii=False)
-                         .encode("utf-8"))
-            handle.write(b"\n")
-            count += 1
-        handle.flush()
-    with partial.open("rb") as done:
-        os.fsync(done.fileno())
+    try:
+        with partial.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) as handle:
+            for row in rows:
+                handle.write(json.dumps(row, default=_encode, separators=(",", ":"), ensure_ascii=False)
+                             .encode("utf-8"))
+                handle.write(b"\n")
+                count += 1
+            handle.flush()
+        with partial.open("rb") as done:
+            os.fsync(done.fileno())
+    except BaseException:
+        partial.unlink(missing_ok=True)  # nothing was marked or deleted; the next run starts over
+        raise
     os.replace(partial, target)
     archive = ArchiveFile(str(target), table, day.isoformat(), count, _file_sha256(target))
     manifest_path(target).write_text(json.dumps(archive.as_dict(), indent=2) + "\n")

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.constants import RECONCILE_TASK
+from textnlp_jobs.db import device_workers
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.maintenance.live_messages import live_job_ids
 from textnlp_jobs.maintenance.registry import TaskContext, maintenance_task
@@ -35,6 +36,7 @@ class ReconcileReport:
     buried: int = 0
     rescued: int = 0
     republished: int = 0
+    no_consumer: int = 0
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, object]:
@@ -51,6 +53,13 @@ def reconcile(settings: Settings, factory: sessionmaker[Session], publish: Publi
         report.expired = repo.expire_overdue(session, limit)
         report.buried = repo.bury_exhausted(session, limit)
         rescued = repo.rescue_expired_leases(session, limit)
+        # Jobs of workers whose heartbeat stopped: no need to wait for their lease.
+        rescued += device_workers.rescue_orphans(session, settings.heartbeat_ttl_seconds, limit)
+        unconsumed = device_workers.flag_unconsumed(session, settings.no_consumer_seconds, limit)
+        report.no_consumer = sum(unconsumed.values())
+        for queue, count in unconsumed.items():
+            log.warning("jobs_without_consumer queue=%s count=%d quiet_s=%.0f", queue, count,
+                        settings.no_consumer_seconds)
         if dry_run:
             transaction.rollback()
         else:
@@ -69,7 +78,7 @@ def reconcile(settings: Settings, factory: sessionmaker[Session], publish: Publi
         to_send = list(rescued) + lost
         for start in range(0, len(to_send), 1000):
             publish(to_send[start:start + 1000])
-        for action in ("expired", "buried", "rescued", "republished"):
+        for action in ("expired", "buried", "rescued", "republished", "no_consumer"):
             metrics.RECONCILED.labels(action).inc(getattr(report, action))
     log.info("reconciled expired=%d buried=%d rescued=%d republished=%d dry_run=%s",
              report.expired, report.buried, report.rescued, report.republished, dry_run)

@@ -6,13 +6,19 @@ import logging
 import uuid
 from typing import Any
 
+from celery import Task
+
 from textnlp_jobs.celery_app import app
 from textnlp_jobs.constants import GENERATE_TASK
+from textnlp_jobs.dead_letter import dead_letter
+from textnlp_jobs.errors import JobFailedError
 from textnlp_jobs.inference.device import DeviceRuntime
 
 log = logging.getLogger(__name__)
 
 _runtime: DeviceRuntime | None = None
+# Statuses after which Celery (and Flower) must see the task as failed.
+FAILED_OUTCOMES = frozenset({"failed", "dead"})
 
 
 def install_runtime(runtime: DeviceRuntime | None) -> None:
@@ -21,15 +27,36 @@ def install_runtime(runtime: DeviceRuntime | None) -> None:
     _runtime = runtime
 
 
-@app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate(job_id: Any) -> str:
-    """Run one generation job by id. A malformed id is logged and dropped (never retried)."""
+def _job_id(args: tuple[Any, ...], kwargs: dict[str, Any]) -> uuid.UUID | None:
+    if kwargs or len(args) != 1 or not isinstance(args[0], str):
+        return None
     try:
-        parsed = uuid.UUID(str(job_id))
+        return uuid.UUID(args[0])
     except ValueError:
-        log.error("message_rejected reason=bad_job_id")
-        return "rejected"
+        return None
+
+
+# typing=False: arguments are checked here, so a message with the wrong ones is dead-lettered
+# instead of failing inside Celery before our code runs. JobFailedError is expected (`throws`):
+# logged in one line, no traceback.
+@app.task(bind=True, name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+          typing=False, throws=(JobFailedError,))
+def generate(self: Task, *args: Any, **kwargs: Any) -> str:
+    """Run one generation job by id. A message without exactly one job id goes to the dead-letter
+    queue. A job that ends ``failed`` or ``dead`` raises ``JobFailedError`` after its row is
+    written, so the task shows as failed; the message is acked all the same."""
+    job_id = _job_id(args, kwargs)
+    if job_id is None:
+        delivery = self.request.delivery_info or {}
+        body = {"task": GENERATE_TASK, "id": self.request.id, "args": list(args), "kwargs": kwargs}
+        with app.connection_for_write() as connection:
+            dead_letter(body, "bad_arguments", connection=connection, source_queue=delivery.get("routing_key"),
+                        detail=f"expected one job id, got {len(args)} argument(s) and {len(kwargs)} keyword(s)")
+        return "dead_lettered"
     if _runtime is None:
         # Only device workers consume generation queues; anything else is a deployment error.
         raise RuntimeError("textnlp.generate ran in a process without a device runtime")
-    return _runtime.run_job(parsed)
+    outcome = _runtime.run_job(job_id)
+    if outcome in FAILED_OUTCOMES:
+        raise JobFailedError(f"job {job_id} ended {outcome}")
+    return outcome

@@ -1,7 +1,7 @@
 """model registry: version metadata, promotions history, loads, corrupt flag, quantization link
 
 Revision ID: 0006_model_registry
-Revises: 0001
+Revises: 0002_device_workers
 Create Date: 2026-11-27 14:50:00
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = '0006_model_registry'
-down_revision = '0001'
+down_revision = '0002_device_workers'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,138 @@
+"""Continuous batching: jobs join a running batch between decode steps and leave when done; per-job
+sampling, seeds, greedy text and log-probabilities are those of the job run alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from textnlp_jobs.client import Client
+from textnlp_jobs.db.models import utcnow
+from textnlp_jobs.inference.batcher import BatchedResult, MicroBatcher
+from textnlp_jobs.inference.continuous import ContinuousBatcher
+from textnlp_jobs.inference.device import DeviceRuntime
+from textnlp_jobs.inference.engine import EngineRequest, SamplingParams, StubEngine, TransformersEngine
+from textnlp_jobs.local_stack import LocalStack
+from textnlp_jobs.settings import BatchingPolicy
+
+from .helpers import result_writes
+
+PROMPTS = [
+    "Return a new list",
+    "This module provides functions for working with paths and files on disk",
+    "A",
+    "The default value of the timeout argument is None, which means",
+    "Raise an exception if",
+    "Create a new thread and start it",
+]
+GREEDY = SamplingParams()
+WARM = SamplingParams(temperature=0.9, top_p=0.95, top_k=50)
+HOT = SamplingParams(temperature=1.3, top_p=1.0, top_k=0)
+
+
+@pytest.fixture(scope="module")
+def engine(model_store: Path) -> TransformersEngine:
+    (version_dir,) = (model_store / "demo").iterdir()
+    return TransformersEngine("demo", version_dir.name, version_dir)
+
+
+def run(batcher: MicroBatcher | ContinuousBatcher, requests: list[EngineRequest]) -> list[BatchedResult]:
+    batcher.start()
+    try:
+        futures = [batcher.submit(i, "demo", r) for i, r in enumerate(requests)]
+        return [f.result(timeout=120) for f in futures]
+    finally:
+        batcher.stop()
+
+
+def continuous(engine: TransformersEngine | StubEngine, max_batch: int, max_wait_ms: float = 500) -> ContinuousBatcher:
+    return ContinuousBatcher({"demo": engine}, lambda _: BatchingPolicy(max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                                                        mode="continuous"))
+
+
+def alone(engine: TransformersEngine, requests: list[EngineRequest]) -> list[BatchedResult]:
+    return run(MicroBatcher({"demo": engine}, lambda _: BatchingPolicy(max_batch=1, max_wait_ms=0)), requests)
+
+
+def test_greedy_jobs_give_the_same_tokens_in_a_continuous_batch_as_alone(engine: TransformersEngine) -> None:
+    limits = [16, 3, 7, 16, 1, 9]
+    requests = [EngineRequest(engine.tokenize(p), n, GREEDY) for p, n in zip(PROMPTS, limits, strict=True)]
+    batched = run(continuous(engine, 6), requests)
+    single = alone(engine, requests)
+    assert max(r.batch_size for r in batched) == 6
+    assert [r.result.token_ids for r in batched] == [r.result.token_ids for r in single]
+    for b, s in zip(batched, single, strict=True):  # the model's own log-probabilities, per token
+        assert len(b.result.logprobs) == b.result.tokens_generated
+        assert b.result.logprobs == pytest.approx(s.result.logprobs, abs=1e-4)
+
+
+def test_seeded_jobs_draw_the_same_tokens_in_any_continuous_batch(engine: TransformersEngine) -> None:
+    seeded = [EngineRequest(engine.tokenize(p), 12, WARM, seed=1000 + i) for i, p in enumerate(PROMPTS)]
+    neighbours = [EngineRequest(engine.tokenize(p), 20, HOT, seed=7) for p in reversed(PROMPTS)]
+    first = run(continuous(engine, 6), seeded)
+    with_others = run(continuous(engine, 12), neighbours[:3] + seeded + neighbours[3:])[3:9]
+    assert [r.result.token_ids for r in first] == [r.result.token_ids for r in with_others]
+    assert [r.result.token_ids for r in first] == [r.result.token_ids for r in alone(engine, seeded)]
+
+
+def test_jobs_with_different_sampling_settings_share_one_running_batch(engine: TransformersEngine) -> None:
+    settings = [GREEDY, WARM, HOT, GREEDY, WARM, HOT]
+    requests = [EngineRequest(engine.tokenize(p), 10, s, seed=50 + i)
+                for i, (p, s) in enumerate(zip(PROMPTS, settings, strict=True))]
+    batched = run(continuous(engine, 6), requests)
+    assert {r.batch_size for r in batched} == {6}  # one admission: not split by sampling settings
+    assert [r.result.token_ids for r in batched] == [r.result.token_ids for r in alone(engine, requests)]
+
+
+def test_a_job_submitted_while_a_batch_decodes_joins_it_and_leaves_first() -> None:
+    engine = StubEngine("demo", step_seconds=0.02)
+    batcher = continuous(engine, 4, max_wait_ms=0)
+    batcher.start()
+    try:
+        long = batcher.submit("long", "demo", EngineRequest(list(range(1, 41)), 40, GREEDY))
+        time.sleep(0.2)  # the long job is decoding alone now
+        short = batcher.submit("short", "demo", EngineRequest([1, 2, 3], 3, GREEDY)).result(timeout=10)
+        assert not long.done()  # the short job joined the running batch, finished and left
+        assert short.batch_size == 2 and short.result.token_ids == [3, 2, 1]
+        assert long.result(timeout=10).result.tokens_generated == 40
+    finally:
+        batcher.stop()
+    assert engine.batches == [1, 2]
+
+
+def start_runtime(client: Client, engine: StubEngine) -> DeviceRuntime:
+    runtime = DeviceRuntime(client.settings, client.sessions, {"demo": engine}, worker_name="test/cpu.0",
+                            republish=lambda routings: None)
+    assert runtime.mode == "continuous"
+    runtime.start()
+    return runtime
+
+
+@pytest.mark.integration
+def test_a_job_cancelled_mid_decode_and_one_past_its_deadline_stop_and_write_no_result(stack: LocalStack) -> None:
+    client = Client(stack.settings(batching={"*": {"max_batch": 4, "max_wait_ms": 50, "mode": "continuous"}}))
+    words = " ".join(f"w{i}" for i in range(60))  # 60 steps of 20 ms: over a second of decoding
+    cancelled, overdue, kept = client.submit_many([
+        {"prompt": words, "model": "demo", "max_new_tokens": 60},
+        {"prompt": words, "model": "demo", "max_new_tokens": 60, "deadline": utcnow() + timedelta(seconds=0.6)},
+        {"prompt": "a short one", "model": "demo", "max_new_tokens": 3},
+    ])
+    runtime = start_runtime(client, StubEngine("demo", step_seconds=0.02))
+    outcomes: dict[uuid.UUID, str] = {}
+    threads = [threading.Thread(target=lambda i=job.id: outcomes.__setitem__(i, runtime.run_job(i)))
+               for job in (cancelled, overdue, kept)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # all three are decoding
+    client.cancel(cancelled.id)
+    for thread in threads:
+        thread.join(10)
+    runtime.stop()
+    assert outcomes == {cancelled.id: "cancelled", overdue.id: "expired", kept.id: "succeeded"}
+    assert [client.get(j.id).status for j in (cancelled, overdue, kept)] == ["cancelled", "expired", "succeeded"]
+    assert result_writes(client, [cancelled.id, overdue.id, kept.id]) == {str(kept.id): 1}

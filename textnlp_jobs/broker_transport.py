@@ -1,0 +1,108 @@
+"""kombu's Redis transport, with malformed messages dead-lettered before they can stop a worker.
+
+kombu decodes each item it pops from a queue list as a JSON envelope and builds a message from
+it; an item that is not JSON, or JSON of the wrong shape, raises inside the worker's event loop,
+which Celery treats as unrecoverable (``redis-cli LPUSH textnlp.gen.demo 'not json'`` stopped a
+worker). This channel checks every popped item first and hands a bad one to ``dead_letter``.
+Celery uses it through the ``broker_transport`` setting whenever the broker is Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from queue import Empty
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+
+from textnlp_jobs.dead_letter import dead_letter
+
+TRANSPORT = "textnlp_jobs.broker_transport:Transport"
+
+
+def envelope_problem(payload: Any) -> str | None:
+    """Why ``payload`` (a decoded item) is not a message envelope kombu can deliver, or None."""
+    if not isinstance(payload, dict):
+        return "envelope_not_an_object"
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        return "envelope_without_properties"
+    if not isinstance(properties.get("delivery_tag"), str | int) or isinstance(properties.get("delivery_tag"), bool):
+        return "envelope_without_delivery_tag"
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
+        return "envelope_without_delivery_info"
+    headers = payload.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        return "headers_not_an_object"
+    body = payload.get("body")
+    if body is not None and not isinstance(body, str):
+        return "body_not_text"
+    if body and properties.get("body_encoding") == "base64":
+        try:
+            base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return "body_not_base64"
+    return None
+
+
+class Channel(kombu_redis.Channel):
+    """A Redis channel that never delivers an item it cannot turn into a message."""
+
+    def _checked(self, raw: Any, queue: str) -> Any | None:
+        """The decoded envelope, or None after dead-lettering an item that is not one."""
+        text = bytes_to_str(raw)
+        try:
+            payload = json.loads(text)
+        except ValueError as error:
+            reason, detail = "not_json", str(error)
+        else:
+            problem = envelope_problem(payload)
+            if problem is None:
+                return payload
+            reason, detail = problem, ""
+        with self.connection.client.clone() as connection:
+            dead_letter(text, reason, connection=connection, source_queue=queue, detail=detail)
+        return None
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                # Disconnect so the next poll reconnects (as kombu's own channel does).
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            payload = self._checked(item, dest)
+            if payload is not None:
+                self.connection._deliver(payload, dest)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:
+        with self.conn_or_acquire() as client:
+            for priority in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, priority))
+                if item:
+                    payload = self._checked(item, queue)
+                    if payload is not None:
+                        return payload
+            raise Empty()
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with the checking channel."""
+
+    Channel = Channel

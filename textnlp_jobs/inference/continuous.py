@@ -1,0 +1,345 @@
+"""The device's continuous (iteration-level) batching loop: the ``mode: continuous`` of a model.
+
+Same interface as ``batcher.MicroBatcher`` (``submit``, ``call_on_loop``, ``start``, ``stop``).
+One loop thread owns every model's running batch (``decoders.Decoder``). Each turn it admits
+waiting jobs into the free rows of their model's batch (an idle device asks ``drop_filter`` first,
+so cancelled or overdue jobs never reach it), then runs one decode step of every non-empty batch;
+a row that finished leaves at once and its job's future is resolved. For waiting and decoding jobs
+``drop_filter`` is asked every ``recheck_seconds`` by a checker thread (so the ledger round trip
+never stalls a decode step), and a job cancelled or past its deadline mid-decode stops at the next
+step. An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched; a
+running one takes newcomers at the next step (once an eighth of its rows are free, or at once
+while it is less than half full, so prefills and cache merges stay batched). Out-of-memory while
+admitting splits the newcomers (one that still does not fit beside the running rows waits for
+them); while decoding, the newest half of the rows go back to the head of the queue (they restart
+from their prompt, with fresh seeded generators) and the batch holds at most the rows it kept
+until it empties. A row that alone runs out of memory fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from textnlp_jobs.errors import (
+    InferenceError,
+    JobDroppedError,
+    OutOfMemoryError,
+    TextNLPError,
+    WorkerShuttingDownError,
+)
+from textnlp_jobs.inference.batcher import BatchedResult, DropFilter, PendingJob
+from textnlp_jobs.inference.decoders import Decoder
+from textnlp_jobs.inference.engine import Engine, EngineRequest
+from textnlp_jobs.metrics import registry as metrics
+from textnlp_jobs.settings import BatchingPolicy
+
+log = logging.getLogger(__name__)
+
+
+class _Running:
+    """One model's running batch and the jobs riding in it."""
+
+    def __init__(self, engine: Engine, decoder: Decoder) -> None:
+        self.engine = engine
+        self.decoder = decoder
+        self.jobs: dict[Hashable, tuple[PendingJob, float, int]] = {}  # key -> (job, admitted at, batch size)
+        self.cap: int | None = None  # lowered after out-of-memory until the batch empties
+        self.tokens = 0
+
+
+class ContinuousBatcher:
+    """One per device. Thread-safe ``submit``; ``start``/``stop`` own the loop thread."""
+
+    def __init__(
+        self,
+        engines: dict[str, Engine],
+        policy_for: Callable[[str], BatchingPolicy],
+        *,
+        drop_filter: DropFilter | None = None,
+        name: str = "device",
+        recheck_seconds: float = 0.25,
+    ) -> None:
+        self.engines = engines
+        self.policy_for = policy_for
+        self.drop_filter = drop_filter
+        self.name = name
+        self.recheck_seconds = recheck_seconds
+        self._running: dict[str, _Running] = {}
+        self._pending: deque[PendingJob] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._checker: threading.Thread | None = None
+        self._stop_checking = threading.Event()
+        self._gone: set[Any] = set()  # job ids the checker found cancelled or overdue
+        self._riding: list[PendingJob] = []  # the loop's latest list of jobs in running batches
+
+    # --- the callers' side -----------------------------------------------------------------
+    def submit(self, job_id: Any, model: str, request: EngineRequest) -> Future[BatchedResult]:
+        if model not in self.engines:
+            raise InferenceError(f"model {model!r} is not loaded on {self.name}")
+        pending = PendingJob(job_id, model, request)
+        with self._changed:
+            if self._stopping:
+                raise WorkerShuttingDownError(f"{self.name} is stopping")
+            self._pending.append(pending)
+            self._changed.notify()
+        return pending.future
+
+    def call_on_loop(self, function: Callable[[], Any]) -> Future[Any]:
+        """Run ``function`` on the loop thread between steps (e.g. warm-up)."""
+        future: Future[Any] = Future()
+        with self._changed:
+            self._calls.append((function, future))
+            self._changed.notify()
+        return future
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"continuous-{self.name}", daemon=True)
+        self._thread.start()
+        if self.drop_filter is not None:
+            self._checker = threading.Thread(target=self._check_loop, name=f"drop-check-{self.name}", daemon=True)
+            self._checker.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the step in flight; every job still decoding or waiting is failed with
+        ``WorkerShuttingDownError`` so its task gives the job back to the queue."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._stop_checking.set()
+        if self._checker is not None:
+            self._checker.join(timeout)
+        error = WorkerShuttingDownError(f"{self.name} stopped")
+        with self._changed:
+            while self._pending:
+                self._set_error(self._pending.popleft(), error)
+            for running in self._running.values():
+                for job, _, _ in running.jobs.values():
+                    self._set_error(job, error)
+                running.jobs.clear()
+
+    # --- the loop's side -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            admissions = self._wait_for_work()
+            if admissions is None:
+                return
+            try:
+                self._run_calls()
+                self._drop_gone()
+                self._admit(admissions)
+                for model, running in list(self._running.items()):
+                    if running.jobs:
+                        self._step(model, running)
+                self._riding = [job for running in self._running.values() for job, _, _ in running.jobs.values()]
+            except BaseException as error:  # the loop must outlive any one step
+                log.exception("continuous_loop_crashed device=%s", self.name)
+                self._fail_everything(InferenceError(f"decode loop failed: {type(error).__name__}"))
+
+    def _busy(self) -> bool:
+        return any(running.jobs for running in self._running.values())
+
+    def _wait_for_work(self) -> list[PendingJob] | None:
+        """The jobs to admit now (possibly none while rows decode); None when stopping."""
+        with self._changed:
+            while True:
+                if self._stopping:
+                    return None
+                busy = self._busy()
+                if self._calls or busy:
+                    return self._take_admissions()
+                if not self._pending:
+                    self._changed.wait()
+                    continue
+                oldest = self._pending[0]
+                policy = self.policy_for(oldest.model)
+                same = sum(1 for p in self._pending if p.model == oldest.model)
+                remaining = oldest.arrived + policy.max_wait_ms / 1000.0 - time.monotonic()
+                if same >= policy.max_batch or remaining <= 0:
+                    return self._take_admissions()
+                self._changed.wait(remaining)
+
+    def _take_admissions(self) -> list[PendingJob]:
+        free: dict[str, int] = {}
+        taken: list[PendingJob] = []
+        left: deque[PendingJob] = deque()
+        for pending in self._pending:
+            if pending.model not in free:
+                running = self._running.get(pending.model)
+                limit = self.policy_for(pending.model).max_batch
+                if running is not None and running.cap is not None:
+                    limit = min(limit, running.cap)
+                rows = len(running.jobs) if running else 0
+                free[pending.model] = limit - rows
+                # A prefill and a cache merge cost about a step each: a well-filled batch takes
+                # newcomers in groups (an eighth of its rows) rather than one per step.
+                if rows * 2 >= limit and free[pending.model] < max(1, limit // 8):
+                    free[pending.model] = 0
+            if free[pending.model] > 0:
+                free[pending.model] -= 1
+                taken.append(pending)
+            else:
+                left.append(pending)
+        self._pending = left
+        return taken
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._changed:
+                if not self._calls:
+                    return
+                function, future = self._calls.popleft()
+            try:
+                future.set_result(function())
+            except BaseException as error:  # handed to the caller, who decides
+                future.set_exception(error)
+
+    def _dropped(self, jobs: Sequence[PendingJob]) -> set[Any]:
+        if self.drop_filter is None or not jobs:
+            return set()
+        try:
+            return self.drop_filter(jobs)
+        except Exception:  # a ledger hiccup must not stall the device; run them all
+            log.exception("drop_filter_failed device=%s", self.name)
+            return set()
+
+    def _admit(self, admissions: list[PendingJob]) -> None:
+        # An idle device asks the ledger now (nothing waits on it); a busy one relies on the
+        # checker thread, so a ledger round trip never stalls the rows decoding.
+        dropped = set() if self._busy() else self._dropped(admissions)
+        by_model: dict[str, list[PendingJob]] = {}
+        for pending in admissions:
+            if pending.job_id in dropped:
+                self._set_error(pending, JobDroppedError("cancelled or overdue before generation"))
+            else:
+                by_model.setdefault(pending.model, []).append(pending)
+        for model, jobs in by_model.items():
+            running = self._running.get(model)
+            if running is None:
+                engine = self.engines[model]
+                running = self._running[model] = _Running(engine, engine.decoder())  # type: ignore[attr-defined]
+            self._admit_group(running, jobs)
+
+    def _admit_group(self, running: _Running, jobs: list[PendingJob]) -> None:
+        started = time.monotonic()
+        try:
+            finished = running.decoder.admit([(id(job), job.request) for job in jobs])
+        except Exception as error:
+            if len(jobs) == 1 and isinstance(error, OutOfMemoryError) and running.jobs:
+                # No room beside the rows already decoding: wait for them, do not fail the job.
+                running.cap = len(running.jobs)
+                with self._changed:
+                    self._pending.appendleft(jobs[0])
+                return
+            if len(jobs) == 1:
+                self._set_error(jobs[0], error if isinstance(error, TextNLPError)
+                                else InferenceError(f"generation failed: {type(error).__name__}: {error}"))
+                return
+            reason = "out_of_memory" if isinstance(error, OutOfMemoryError) else type(error).__name__
+            log.warning("admission_split device=%s size=%d reason=%s", self.name, len(jobs), reason)
+            half = len(jobs) // 2
+            self._admit_group(running, jobs[:half])
+            self._admit_group(running, jobs[half:])
+            return
+        size = len(running.decoder)
+        for job in jobs:
+            running.jobs[id(job)] = (job, started, size + len(finished))
+        metrics.BATCH_SIZE.labels(running.engine.model_name).observe(size + len(finished))
+        self._finish(running, finished)
+
+    def _step(self, model: str, running: _Running) -> None:
+        try:
+            finished = running.decoder.step()
+        except OutOfMemoryError:
+            self._shrink(model, running)
+            return
+        except Exception as error:
+            log.exception("decode_step_failed device=%s model=%s rows=%d", self.name, model, len(running.jobs))
+            failure = error if isinstance(error, TextNLPError) else InferenceError(
+                f"decode step failed: {type(error).__name__}")
+            running.decoder.evict(set(running.jobs))
+            for job, _, _ in running.jobs.values():
+                self._set_error(job, failure)
+            running.jobs.clear()
+            return
+        self._finish(running, finished)
+
+    def _shrink(self, model: str, running: _Running) -> None:
+        keys = running.decoder.keys()
+        if len(keys) <= 1:
+            running.decoder.evict(set(keys))
+            for key in keys:
+                job, _, _ = running.jobs.pop(key)
+                self._set_error(job, OutOfMemoryError("out of memory decoding one row"))
+            return
+        back = keys[len(keys) // 2:]
+        running.decoder.evict(set(back))
+        running.cap = len(keys) - len(back)
+        log.warning("decode_shrink device=%s model=%s rows=%d requeued=%d", self.name, model, len(keys), len(back))
+        with self._changed:
+            for key in reversed(back):
+                job, _, _ = running.jobs.pop(key)
+                self._pending.appendleft(job)
+
+    def _finish(self, running: _Running, finished: list[tuple[Hashable, Any]]) -> None:
+        now = time.monotonic()
+        for key, result in finished:
+            job, admitted, size = running.jobs.pop(key)
+            running.tokens += result.tokens_generated
+            if not job.future.done():
+                job.future.set_result(BatchedResult(result, running.engine.model_version, size, now - admitted,
+                                                    admitted - job.arrived))
+        if not running.jobs:
+            running.cap = None
+
+    def _check_loop(self) -> None:
+        """Every ``recheck_seconds``: ask the ledger which waiting or decoding jobs were cancelled
+        or passed their deadline; the loop drops them at its next step."""
+        while not self._stop_checking.wait(self.recheck_seconds):  # its own wake-up, not the loop's
+            with self._changed:
+                jobs = list(self._pending) + list(self._riding)
+            gone = self._dropped(jobs)
+            if gone:
+                with self._changed:
+                    self._gone |= gone
+
+    def _drop_gone(self) -> None:
+        with self._changed:
+            gone, self._gone = self._gone, set()
+            if not gone:
+                return
+            waiting = [p for p in self._pending if p.job_id in gone]
+            self._pending = deque(p for p in self._pending if p.job_id not in gone)
+        for pending in waiting:
+            self._set_error(pending, JobDroppedError("cancelled or overdue before generation"))
+        for running in self._running.values():
+            keys = {key for key, (job, _, _) in running.jobs.items() if job.job_id in gone}
+            if keys:
+                running.decoder.evict(keys)
+                for key in keys:
+                    job, _, _ = running.jobs.pop(key)
+                    self._set_error(job, JobDroppedError("cancelled or overdue while decoding"))
+                if not running.jobs:
+                    running.cap = None
+
+    def _fail_everything(self, error: BaseException) -> None:
+        for running in self._running.values():
+            running.decoder.evict(set(running.jobs))
+            for job, _, _ in running.jobs.values():
+                self._set_error(job, error)
+            running.jobs.clear()
+
+    @staticmethod
+    def _set_error(job: PendingJob, error: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(error)

@@ -1,0 +1,295 @@
+"""Iteration-level decoders: a running batch that rows join and leave between decode steps.
+
+``TransformersDecoder`` keeps one left-padded KV cache (a ``DynamicCache``) for all its rows.
+``admit`` prefills the new rows as one batch and merges their cache into the running one (the
+shorter side is padded on the left, so each row stays "left padding, then its own tokens");
+``step`` runs one decode step for every row; a row that reached EOS or its own
+``max_new_tokens`` leaves at once, and columns that only padding still uses are trimmed away.
+Every row picks its own token exactly as the static engine does (``engine.choose_tokens``):
+greedy rows the argmax, sampled rows draw with their own seeded generator, each row's
+log-probability is the model's own. So per-job sampling settings share one batch and a seeded
+job draws the same numbers whatever batch it rides in.
+
+Why not transformers' ``ContinuousBatchingManager``: its sampling is one ``do_sample`` for the
+whole manager with one global RNG seed (no per-request seed, so a seeded job's text would depend
+on its neighbours), its log-probabilities are those after temperature/top-k (not the model's),
+and its API changed between the 5.17 on the GPU machine and the 5.24 here. It stays in
+bench/throughput.py as a direct baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from textnlp_jobs.errors import OutOfMemoryError, TokenizationError
+from textnlp_jobs.inference.engine import (
+    EngineRequest,
+    EngineResult,
+    TransformersEngine,
+    choose_tokens,
+    is_out_of_memory,
+)
+
+Finished = list[tuple[Hashable, EngineResult]]
+
+
+class Decoder(Protocol):
+    """One model's running batch."""
+
+    def __len__(self) -> int: ...
+
+    def admit(self, rows: Sequence[tuple[Hashable, EngineRequest]]) -> Finished:
+        """Prefill ``rows`` and add them to the running batch; returns rows already done."""
+        ...
+
+    def step(self) -> Finished:
+        """One decode step for every row; returns (and removes) the rows that finished."""
+        ...
+
+    def evict(self, keys: Collection[Hashable]) -> None:
+        """Remove rows (cancelled, overdue, given back) without a result."""
+        ...
+
+    def keys(self) -> list[Hashable]: ...
+
+
+@dataclass
+class _Row:
+    key: Hashable
+    request: EngineRequest
+    generator: Any
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    done: bool = False  # left the batch; its tensor row stays (masked, idle) until compaction
+
+
+class TransformersDecoder:
+    """The running batch of one ``TransformersEngine`` (see the module docstring)."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        import torch
+
+        self.engine = engine
+        self.torch = torch
+        self.rows: list[_Row] = []
+        self.cache: Any = None  # a DynamicCache, per layer keys/values [rows, heads, T, dim]
+        self.mask: Any = None  # [rows, T]: 1 where the cache holds a real token
+        self.last: Any = None  # [rows]: each row's newest token, not yet in the cache
+        self.positions: Any = None  # [rows]: that token's position
+        self.alive: Any = None  # [rows]: 1 for a row still decoding, 0 for one that left
+
+    def __len__(self) -> int:
+        return sum(1 for row in self.rows if not row.done)
+
+    def keys(self) -> list[Hashable]:
+        return [row.key for row in self.rows if not row.done]
+
+    def admit(self, rows: Sequence[tuple[Hashable, EngineRequest]]) -> Finished:
+        torch = self.torch
+        engine = self.engine
+        for _, request in rows:
+            if len(request.prompt_ids) + request.max_new_tokens > engine.max_positions:
+                raise TokenizationError(f"prompt of {len(request.prompt_ids)} tokens + {request.max_new_tokens} "
+                                        f"new exceeds the model's {engine.max_positions} positions")
+        width = max(len(request.prompt_ids) for _, request in rows)
+        input_ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (_, request) in enumerate(rows):
+            input_ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
+            mask[i, width - len(request.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(engine.device), mask.to(engine.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        new = [_Row(key, request, engine.generator_for(request)) for key, request in rows]
+        cache = self._new_cache()
+        with self._guard(len(rows)), torch.inference_mode():
+            output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True)
+            chosen = self._choose(output.logits[:, -1, :], new)
+        if any(row.done for row in self.rows):
+            self._keep([i for i, row in enumerate(self.rows) if not row.done])
+        alive = torch.ones_like(chosen)
+        if self.rows:
+            layers, mask = self._merge(self._layers_of(cache), mask)
+            cache = self._new_cache(layers)
+            self.last = torch.cat([self.last, chosen])
+            self.positions = torch.cat([self.positions, positions[:, -1] + 1])
+            self.alive = torch.cat([self.alive, alive])
+        else:
+            self.last, self.positions, self.alive = chosen, positions[:, -1] + 1, alive
+        self.cache, self.mask = cache, mask
+        self.rows.extend(new)
+        return self._leave()
+
+    def step(self) -> Finished:
+        if not len(self):
+            return []
+        torch = self.torch
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        with self._guard(len(self.rows)), torch.inference_mode():
+            # The cache grows in place by one column per layer, as in generate().
+            output = self.engine.model(input_ids=self.last.unsqueeze(1), attention_mask=mask,
+                                       position_ids=self.positions.unsqueeze(1), past_key_values=self.cache,
+                                       use_cache=True)
+            self.last = self._choose(output.logits[:, -1, :], self.rows)
+        self.mask = mask
+        self.positions = self.positions + self.alive  # a row that left stays put (within its positions)
+        return self._leave()
+
+    def evict(self, keys: Collection[Hashable]) -> None:
+        self._retire([i for i, row in enumerate(self.rows) if not row.done and row.key in keys])
+
+    # --- internals ---------------------------------------------------------------------------
+    def _choose(self, logits: Any, rows: Sequence[_Row]) -> Any:
+        first = [not row.tokens for row in rows]
+        chosen, picked = choose_tokens(logits, [row.request for row in rows], [row.generator for row in rows],
+                                       first, self.engine.eos_id, self.engine.vocab_limit)
+        for row, token, logprob in zip(rows, chosen.tolist(), picked.tolist(), strict=True):
+            if not row.done:
+                row.tokens.append(token)
+                row.logprobs.append(logprob)
+        return chosen
+
+    def _leave(self) -> Finished:
+        eos = self.engine.eos_id
+        done: Finished = []
+        leaving = []
+        for i, row in enumerate(self.rows):
+            if row.done:
+                continue
+            if row.tokens[-1] == eos or len(row.tokens) >= row.request.max_new_tokens:
+                tokens = row.tokens[:-1] if row.tokens[-1] == eos else row.tokens
+                # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
+                text = str(self.engine.tokenizer.decode(tokens, skip_special_tokens=True)).replace("\x00", "\ufffd")
+                done.append((row.key, EngineResult(text, tokens, row.logprobs[: len(tokens)])))
+                leaving.append(i)
+        self._retire(leaving)
+        return done
+
+    def _retire(self, indices: list[int]) -> None:
+        """Rows leave at once; their tensor rows are dropped in bulk (a quarter of the batch, or
+        at the next admission), since every compaction copies the whole cache."""
+        if not indices:
+            return
+        for i in indices:
+            self.rows[i].done = True
+        self.alive[indices] = 0
+        dead = sum(1 for row in self.rows if row.done)
+        if dead * 4 >= len(self.rows):
+            self._keep([i for i, row in enumerate(self.rows) if not row.done])
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask, self.last, self.positions, self.alive = None, None, None, None, None
+            return
+        index = self.torch.tensor(keep, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        # Columns every remaining row has as padding are dead weight: trim them from the left.
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        self.mask = mask[:, start:]
+        self.cache = self._new_cache([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                                      for k, v in self._layers_of(self.cache)])
+        self.last = self.last.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.alive = self.alive.index_select(0, index)
+
+    def _merge(self, new_layers: list[tuple[Any, Any]], new_mask: Any) -> tuple[list[tuple[Any, Any]], Any]:
+        torch = self.torch
+        width = max(self.mask.shape[1], new_mask.shape[1])
+
+        def pad(tensor: Any, dim: int) -> Any:
+            missing = width - tensor.shape[dim]
+            if missing == 0:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
+
+        layers = [(torch.cat([pad(k, 2), pad(nk, 2)]), torch.cat([pad(v, 2), pad(nv, 2)]))
+                  for (k, v), (nk, nv) in zip(self._layers_of(self.cache), new_layers, strict=True)]
+        return layers, torch.cat([pad(self.mask, 1), pad(new_mask, 1)])
+
+    def _new_cache(self, layers: Sequence[tuple[Any, Any]] = ()) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.engine.model.config)
+        for index, (k, v) in enumerate(layers):
+            cache.update(k, v, index)
+        return cache
+
+    @staticmethod
+    def _layers_of(cache: Any) -> list[tuple[Any, Any]]:
+        layers = getattr(cache, "layers", None)
+        if layers is None:  # older transformers: key_cache / value_cache lists
+            return list(zip(cache.key_cache, cache.value_cache, strict=True))
+        return [(layer.keys, layer.values) for layer in layers]
+
+    def _guard(self, rows: int) -> _OomGuard:
+        return _OomGuard(self.engine, rows)
+
+
+class _OomGuard:
+    """Turns the device's out-of-memory error into ours (and frees the allocator's cache)."""
+
+    def __init__(self, engine: TransformersEngine, rows: int) -> None:
+        self.engine = engine
+        self.rows = rows
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: BaseException | None, _tb: Any) -> None:
+        if error is not None and not isinstance(error, OutOfMemoryError) and is_out_of_memory(error):
+            if self.engine.device.startswith("cuda"):
+                self.engine._torch.cuda.empty_cache()
+            raise OutOfMemoryError(f"out of memory with {self.rows} rows") from error
+
+
+class StubDecoder:
+    """The stub engine's running batch: each step emits the next of the prompt's ids reversed (the
+    stub engine's text). ``fail_above`` rows raise out-of-memory, as the stub engine's batches
+    do; ``batches`` records the running rows after each admission; ``step_seconds`` slows steps."""
+
+    def __init__(self, fail_above: int | None = None, batches: list[int] | None = None,
+                 step_seconds: float = 0.0) -> None:
+        self.fail_above = fail_above
+        self.rows: list[_Row] = []
+        self.batches = batches if batches is not None else []  # running rows after each admission
+        self.step_seconds = step_seconds
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keys(self) -> list[Hashable]:
+        return [row.key for row in self.rows]
+
+    def admit(self, rows: Sequence[tuple[Hashable, EngineRequest]]) -> Finished:
+        if self.fail_above is not None and len(self.rows) + len(rows) > self.fail_above:
+            raise OutOfMemoryError(f"stub out of memory at {len(self.rows) + len(rows)} rows")
+        self.rows.extend(_Row(key, request, None) for key, request in rows)
+        self.batches.append(len(self.rows))
+        return self.step()
+
+    def step(self) -> Finished:
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
+        done: Finished = []
+        for row in self.rows:
+            source = list(reversed(row.request.prompt_ids))
+            row.tokens.append(source[len(row.tokens) % len(source)])
+            row.logprobs.append(-1.0)
+        keep = []
+        for row in self.rows:
+            if len(row.tokens) >= min(row.request.max_new_tokens, len(row.request.prompt_ids)):
+                done.append((row.key, EngineResult(" ".join(map(str, row.tokens)), row.tokens, row.logprobs)))
+            else:
+                keep.append(row)
+        self.rows = keep
+        return done
+
+    def evict(self, keys: Collection[Hashable]) -> None:
+        self.rows = [row for row in self.rows if row.key not in keys]
