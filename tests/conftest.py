@@ -70,6 +70,14 @@ def _build_cached(name: str, target: Path) -> None:
     shutil.copytree(cached, target, dirs_exist_ok=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 alone, outside any store: a model a user brings."""
+    target = tmp_path_factory.mktemp("tiny") / "tiny"
+    _build_cached("tiny", target)
+    return target
+
+
 def register_models(settings_store: Path, database_url: str) -> None:
     from textnlp_jobs.settings import Settings
 

@@ -13,7 +13,7 @@ from textnlp_jobs.local_stack import ServiceUnavailable, scratch_postgres
 from .conftest import IN_CI
 
 TABLES = {"prompts", "generations", "models", "model_versions", "audit_logs", "maintenance_runs",
-          "device_workers"}
+          "device_workers", "model_promotions", "model_loads"}
 
 
 def tables(url: str) -> set[str]:

@@ -67,3 +67,14 @@ def test_a_worker_refused_by_its_configuration_is_not_restarted() -> None:
     supervisor = Supervisor({"cpu.0": child("sys.exit(2)")}, backoff=(0.05, 0.1), poll=0.05)
     assert supervisor.run() == 2
     assert supervisor.children[0].restarts == 0 and supervisor.children[0].given_up
+
+
+def test_a_device_worker_whose_celery_worker_stopped_on_an_error_exits_non_zero(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from textnlp_jobs import worker_main
+
+    monkeypatch.setattr(worker_main, "run_device_worker", lambda *args, **kwargs: 1)  # Celery's EX_FAILURE
+    with pytest.raises(SystemExit) as stopped:
+        worker_main.device_main(["--device", "cpu.0"])
+    assert stopped.value.code == 1

@@ -30,7 +30,14 @@ from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.health import ledger_errors
 from textnlp_jobs.db.repository import Job
 from textnlp_jobs.db.session import session_factory
-from textnlp_jobs.errors import ErrorCode, InputError, JobNotFoundError, JobWaitTimeout, UnknownDeviceError
+from textnlp_jobs.errors import (
+    ErrorCode,
+    InputError,
+    JobNotFoundError,
+    JobWaitTimeout,
+    TextNLPError,
+    UnknownDeviceError,
+)
 from textnlp_jobs.inference import store
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.publish import publish_and_mark
@@ -60,21 +67,26 @@ class Client:
         self.celery = celery or create_app(self.settings)
         self.sessions: sessionmaker[Session] = session_factory(self.settings)
         self._lock = threading.Lock()
-        self._models: tuple[float, dict[str, store.ResolvedModel]] = (0.0, {})
+        self._models: tuple[float, dict[str, store.ResolvedModel | None]] = (0.0, {})
         self._tokenizers: dict[str, Any] = {}
         self._positions: dict[str, int | None] = {}
 
     # --- submitting ----------------------------------------------------------------------
-    def submit(self, prompt: str | bytes, *, model: str, max_new_tokens: int | None = None,
+    def submit(self, prompt: str | bytes | None = None, *, model: str, max_new_tokens: int | None = None,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                idempotency_key: str | None = None, priority: int = 0, deadline: datetime | None = None,
-               device: str | None = None, max_attempts: int | None = None) -> Job:
-        """Queue one generation job; an idempotency key already used returns that job instead."""
+               device: str | None = None, max_attempts: int | None = None,
+               messages: builtins.list[dict[str, str]] | None = None) -> Job:
+        """Queue one generation job; an idempotency key already used returns that job instead.
+        ``messages=[{"role": "user", "content": "…"}, …]`` instead of ``prompt`` applies the model's
+        chat template."""
         spec: dict[str, Any] = {
             "prompt": prompt, "model": model, "temperature": temperature, "top_p": top_p, "top_k": top_k,
             "seed": seed, "idempotency_key": idempotency_key, "priority": priority, "deadline": deadline,
             "device": device,
         }
+        if messages is not None:
+            spec["messages"] = messages
         if max_new_tokens is not None:
             spec["max_new_tokens"] = max_new_tokens
         if max_attempts is not None:
@@ -127,7 +139,7 @@ class Client:
         for index, spec in enumerate(specs):
             try:
                 job = validate_job(spec, self.settings, self._known_models(), self._count_tokens,
-                                   self._max_positions)
+                                   self._max_positions, self._has_chat_template)
                 if job.device is not None:
                     if devices is None:
                         devices = self._known_devices()
@@ -220,15 +232,26 @@ class Client:
             return repo.list_jobs(session, status=status, model=model, limit=limit)
 
     # --- model knowledge for validation ---------------------------------------------------
-    def _resolved_models(self) -> dict[str, store.ResolvedModel]:
+    def _resolved_models(self) -> dict[str, store.ResolvedModel | None]:
+        """Every registered model and the version served in this environment (None where none
+        can be: a corrupt version is still a known model, its jobs wait for a good one)."""
         with self._lock:
             loaded_at, models = self._models
             if time.monotonic() - loaded_at < _MODEL_CACHE_SECONDS and models:
                 return models
+            models = {}
             with self.sessions() as session:
-                models = {name: store.resolve(session, name) for name in store.known_models(session)}
+                for name in store.known_models(session):
+                    try:
+                        models[name] = store.resolve(session, name, self.settings.environment)
+                    except TextNLPError:
+                        models[name] = None
             self._models = (time.monotonic(), models)
             return models
+
+    def _has_chat_template(self, model: str) -> bool | None:
+        resolved = self._resolved_models().get(model)
+        return None if resolved is None else resolved.chat_template
 
     def _known_models(self) -> builtins.list[str]:
         return builtins.list(self._resolved_models())

@@ -45,6 +45,8 @@ class ErrorCode(enum.StrEnum):
     INPUT_PRIORITY_OUT_OF_RANGE = "input.priority_out_of_range"
     INPUT_MAX_ATTEMPTS_INVALID = "input.max_attempts_invalid"
     INPUT_MAX_ATTEMPTS_OUT_OF_RANGE = "input.max_attempts_out_of_range"
+    INPUT_MESSAGES_INVALID = "input.messages_invalid"
+    INPUT_NO_CHAT_TEMPLATE = "input.no_chat_template"
     INPUT_JOB_INVALID = "input.job_invalid"
     INPUT_UNKNOWN_DEVICE = "input.unknown_device"
     INPUT_TOO_LONG_FOR_MODEL = "input.too_long_for_model"
@@ -81,6 +83,12 @@ class ErrorCode(enum.StrEnum):
     # Models.
     MODELS_UNAVAILABLE = "models.unavailable"
     MODELS_UNKNOWN_RECIPE = "models.unknown_recipe"
+    MODELS_NOT_FOUND = "models.not_found"
+    MODELS_INVALID = "models.invalid"
+    MODELS_CORRUPT = "models.corrupt"
+    MODELS_IN_USE = "models.in_use"
+    MODELS_NO_PREVIOUS_VERSION = "models.no_previous_version"
+    MODELS_VALIDATION_FAILED = "models.validation_failed"
 
     # Inference on a device.
     INFERENCE_FAILED = "inference.failed"
@@ -212,6 +220,41 @@ class WorkerShuttingDownError(InferenceError):
     retryable = True
 
 
+class ModelNotFoundError(TextNLPError):
+    """No registered model or version has that name."""
+
+    code = ErrorCode.MODELS_NOT_FOUND
+
+
+class ModelRegistrationError(ModelStoreError):
+    """A directory cannot be registered: a file is missing, the architecture is unknown, or the
+    tokenizer does not fit the model. Nothing was registered."""
+
+    code = ErrorCode.MODELS_INVALID
+
+
+class ModelCorruptError(ModelStoreError):
+    """The version's files no longer match their checksums; it is never served."""
+
+    code = ErrorCode.MODELS_CORRUPT
+
+
+class ModelInUseError(TextNLPError):
+    """The version is promoted, pinned or loaded, so it cannot be removed."""
+
+    code = ErrorCode.MODELS_IN_USE
+
+
+class NoPreviousVersionError(TextNLPError):
+    """A rollback found no earlier promotion to go back to."""
+
+    code = ErrorCode.MODELS_NO_PREVIOUS_VERSION
+
+
+class ModelValidationFailed(TextNLPError):
+    """models.validate found versions whose files changed or went missing (now marked corrupt)."""
+
+    code = ErrorCode.MODELS_VALIDATION_FAILED
 class DeviceInUseError(ConfigurationError):
     """Another live worker already serves this device; a second one refuses to start."""
 

@@ -86,6 +86,17 @@ class Settings(BaseSettings):
     filesystem_polling_interval: float = Field(0.05, gt=0)
     reconcile_interval_seconds: float = Field(300.0, gt=0)
 
+    # Models: the environment whose promoted versions this process serves, how often a worker
+    # looks for a new promotion, and how often it records what it has loaded and used.
+    environment: str = Field("production", min_length=1, max_length=64)
+    model_poll_seconds: float = Field(5.0, gt=0)
+    model_heartbeat_seconds: float = Field(60.0, gt=0)
+    # models.cleanup removes versions unused for this long (unless pinned, promoted or loaded).
+    model_cleanup_days: float = Field(30.0, ge=0)
+    # models.quantize registers an int8 variant only when, against its source on the held-out text,
+    # perplexity rises by at most this fraction and CPU tokens/s at batch 1 and 8 reach this ratio.
+    quantize_max_perplexity_increase: float = Field(0.05, ge=0)
+    quantize_min_speedup: float = Field(1.5, ge=0)
     # Worker liveness: a device worker refreshes its heartbeat every interval; once it is older
     # than the TTL the worker counts as dead and its running jobs are rescued by a live peer, the
     # worker that replaces it, or the reconciler, without waiting for their lease.

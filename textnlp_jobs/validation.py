@@ -17,6 +17,28 @@ from textnlp_jobs.settings import Settings
 _MAX_SEED = 2**63 - 1
 
 TokenCounter = Callable[[str, str], int | None]  # (model, prompt) -> tokens, None if unknown here
+ChatCheck = Callable[[str], bool | None]  # model -> has a chat template, None if unknown here
+_MAX_MESSAGES = 256
+
+
+def _messages_text(messages: Any, settings: Settings) -> str:
+    """A chat as the prompt the ledger stores: canonical JSON of ``[{role, content}, ...]``; the
+    worker applies the model's chat template to it."""
+    import json
+
+    if not isinstance(messages, list) or not messages or len(messages) > _MAX_MESSAGES:
+        raise InputError("messages", f"must be a list of 1 to {_MAX_MESSAGES} messages",
+                         code=ErrorCode.INPUT_MESSAGES_INVALID)
+    for index, message in enumerate(messages):
+        if (not isinstance(message, dict) or set(message) != {"role", "content"}
+                or not isinstance(message["role"], str) or not 1 <= len(message["role"]) <= 32
+                or not isinstance(message["content"], str)):
+            raise InputError("messages", f"message {index} must be {{'role': str, 'content': str}}",
+                             code=ErrorCode.INPUT_MESSAGES_INVALID)
+    if not any(m["content"].strip() for m in messages):
+        raise InputError("messages", "have no content", code=ErrorCode.INPUT_PROMPT_EMPTY)
+    text = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+    return _prompt_text(text, settings)
 PositionLimit = Callable[[str], int | None]  # model -> its maximum sequence length, None if unknown
 
 
@@ -61,24 +83,32 @@ def _prompt_text(prompt: Any, settings: Settings) -> str:
 
 def validate_job(
     spec: dict[str, Any], settings: Settings, known_models: Collection[str], count_tokens: TokenCounter,
-    max_positions: PositionLimit | None = None,
+    max_positions: PositionLimit | None = None, has_chat_template: ChatCheck | None = None,
 ) -> NewJob:
-    """Turn one job's keyword arguments into a ``NewJob`` or raise ``InputError``. The device is
-    checked for form here and returned as its full name (``node/cuda.0``); whether it exists is
+    """Turn one job's keyword arguments into a ``NewJob`` or raise ``InputError``. A job gives either
+    a ``prompt`` or chat ``messages`` (for a model whose tokenizer has a chat template). The device
+    is checked for form here and returned as its full name (``node/cuda.0``); whether it exists is
     the caller's check, against the device registry."""
     if not isinstance(spec, dict):
         raise InputError("job", f"must be a dict of job parameters, got {type(spec).__name__}",
                          code=ErrorCode.INPUT_JOB_INVALID)
-    allowed = {"prompt", "model", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "priority",
+    allowed = {"prompt", "messages", "model", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "priority",
                "idempotency_key", "deadline", "device", "max_attempts"}
     unknown = set(spec) - allowed
     if unknown:
         raise InputError(sorted(unknown)[0], "is not a job parameter", code=ErrorCode.INPUT_UNKNOWN_PARAMETER)
-    prompt = _prompt_text(spec.get("prompt"), settings)
+    chat = spec.get("messages") is not None
+    if chat and spec.get("prompt") is not None:
+        raise InputError("messages", "cannot be given with a prompt; give one or the other",
+                         code=ErrorCode.INPUT_MESSAGES_INVALID)
+    prompt = _messages_text(spec["messages"], settings) if chat else _prompt_text(spec.get("prompt"), settings)
     model = spec.get("model")
     if not isinstance(model, str) or model not in known_models:
         raise UnknownModelError(str(model), list(known_models))
-    prompt_tokens = count_tokens(model, prompt)
+    if chat and has_chat_template is not None and has_chat_template(model) is False:
+        raise InputError("messages", f"model {model!r} has no chat template; send a prompt instead",
+                         code=ErrorCode.INPUT_NO_CHAT_TEMPLATE)
+    prompt_tokens = None if chat else count_tokens(model, prompt)  # the template adds tokens: the worker counts
     if prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:
         raise InputError("prompt", f"is {prompt_tokens} tokens, over the limit of {settings.max_prompt_tokens} tokens",
                          code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
@@ -116,7 +146,9 @@ def validate_job(
     if device is not None:
         device = Device.parse(device, settings.node_name).name
 
-    params = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+    params: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
+    if chat:
+        params["chat"] = True
     return NewJob(prompt=prompt, model=model, max_new_tokens=max_new_tokens, params=params, priority=priority,
                   max_attempts=max_attempts, idempotency_key=key, deadline=deadline, device=device,
                   prompt_tokens=prompt_tokens, seed_explicit=seed_explicit)

@@ -100,14 +100,17 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     from textnlp_jobs.celery_app import app
     from textnlp_jobs.db.health import ledger_errors
     from textnlp_jobs.db.session import session_factory
-    from textnlp_jobs.inference.device import DeviceRuntime, load_engines
+    from textnlp_jobs.inference.device import DeviceRuntime, load_engine, load_resolved
+    from textnlp_jobs.inference.registry import parse_reference
+    from textnlp_jobs.inference.versions import ModelWatcher
     from textnlp_jobs.liveness import Liveness
     from textnlp_jobs.maintenance.health import announce_device, retire_device
     from textnlp_jobs.metrics.push import DEVICE_WORKER_JOB, start_worker_metrics, stop_worker_metrics
     from textnlp_jobs.publish import publish_and_mark
     from textnlp_jobs.tasks import generation
 
-    names = list(models or settings.models_for_device(dev.local))
+    references = list(models or settings.models_for_device(dev.local))  # "small" or "small@int8"
+    names = list(dict.fromkeys(parse_reference(r)[0] for r in references))
     factory = session_factory(settings)
 
     def republish(routings: Sequence[Routing]) -> None:
@@ -120,12 +123,21 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         liveness.register()
     liveness.start()
     try:
-        engines = load_engines(settings, factory, dev, names)
+        loaded = load_resolved(settings, factory, dev, references)
+        engines = {name: engine for name, (engine, _) in loaded.items()}
         queues = [generation_queue(m) for m in names] + [dev.queue]
         threads = (concurrency or settings.worker_concurrency
                    or 2 * max(settings.batching_for(m).max_batch for m in names))
         runtime = DeviceRuntime(settings, factory, engines, worker_name=dev.name, republish=republish)
         runtime.start()
+        # Promotions and rollbacks reach this worker through a registry poll (inference/versions.py).
+        runtime.watcher = ModelWatcher(
+            settings, factory, engines, {parse_reference(r)[0]: r for r in references}, worker=dev.name,
+            load=lambda resolved: load_engine(resolved, dev),
+            run_on_loop=lambda call: runtime.batcher.call_on_loop(call).result(timeout=settings.max_job_seconds))
+        for name, (_, resolved) in loaded.items():
+            runtime.watcher.loaded(name, resolved.version_id)
+        runtime.watcher.start()
         generation.install_runtime(runtime)
         start_worker_metrics(settings, DEVICE_WORKER_JOB, dev.local, device=dev.local)
         announce_device(settings, dev.local, dev.hostname)

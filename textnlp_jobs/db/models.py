@@ -148,6 +148,8 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # models.quantize builds int8 variants only of models flagged eligible.
+    quantize_eligible: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class ModelVersion(Base):
@@ -167,8 +169,54 @@ class ModelVersion(Base):
     keep_always: Mapped[bool] = mapped_column(Boolean, default=False)
     last_used_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    description: Mapped[str | None] = mapped_column(Text)
+    # False when the store owns the files (a copy); True when they are the user's (--in-place).
+    in_place: Mapped[bool] = mapped_column(Boolean, default=False)
+    architecture: Mapped[str | None] = mapped_column(String(128))
+    dtype: Mapped[str | None] = mapped_column(String(32))
+    parameter_count: Mapped[int | None] = mapped_column(BigInteger)
+    max_positions: Mapped[int | None] = mapped_column(Integer)
+    # {"eos_token": "...", "eos_token_id": 0, "pad_token": null, ..., "chat_template": true}
+    special_tokens: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # A quantized variant points at the version it was built from.
+    source_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL"), index=True)
+    # Set by models.validate when a file changed or went missing; a corrupt version is never served.
+    corrupt: Mapped[bool] = mapped_column(Boolean, default=False)
+    corrupt_reason: Mapped[str | None] = mapped_column(Text)
+    # The last models.validate figures: load seconds, tokens/s, greedy output hash, when.
+    validation: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
 
     __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_versions_model_id_version"),)
+
+
+class ModelPromotion(Base):
+    """One promotion or rollback of a model in one environment: the history a rollback walks back."""
+
+    __tablename__ = "model_promotions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    environment: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))  # "promote" or "rollback"
+    version: Mapped[str] = mapped_column(String(128))
+    previous_version: Mapped[str | None] = mapped_column(String(128))
+    actor: Mapped[str] = mapped_column(String(255))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_model_promotions_model_id_environment", "model_id", "environment", "id"),)
+
+
+class ModelLoad(Base):
+    """A model version loaded by a running worker, refreshed while it stays loaded (cleanup and
+    remove leave loaded versions alone)."""
+
+    __tablename__ = "model_loads"
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"),
+                                                  primary_key=True, index=True)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditLog(Base):

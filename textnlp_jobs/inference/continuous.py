@@ -176,6 +176,15 @@ class ContinuousBatcher:
         for pending in self._pending:
             if pending.model not in free:
                 running = self._running.get(pending.model)
+                if running is not None and running.engine is not self.engines.get(pending.model):
+                    # A new version was swapped in (versions.py): the rows decoding finish on the
+                    # old one, newcomers wait for them and then start a batch on the new one.
+                    if running.jobs:
+                        free[pending.model] = 0
+                        left.append(pending)
+                        continue
+                    del self._running[pending.model]
+                    running = None
                 limit = self.policy_for(pending.model).max_batch
                 if running is not None and running.cap is not None:
                     limit = min(limit, running.cap)

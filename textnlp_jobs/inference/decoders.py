@@ -161,7 +161,8 @@ class TransformersDecoder:
                 continue
             if row.tokens[-1] == eos or len(row.tokens) >= row.request.max_new_tokens:
                 tokens = row.tokens[:-1] if row.tokens[-1] == eos else row.tokens
-                text = str(self.engine.tokenizer.decode(tokens, skip_special_tokens=True))
+                # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
+                text = str(self.engine.tokenizer.decode(tokens, skip_special_tokens=True)).replace("\x00", "\ufffd")
                 done.append((row.key, EngineResult(text, tokens, row.logprobs[: len(tokens)])))
                 leaving.append(i)
         self._retire(leaving)

@@ -10,6 +10,7 @@ around it.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from textnlp_jobs.inference.batcher import MicroBatcher, PendingJob
 from textnlp_jobs.inference.continuous import ContinuousBatcher
 from textnlp_jobs.inference.engine import Engine, EngineRequest, SamplingParams
 from textnlp_jobs.inference.groups import GroupRunner
+from textnlp_jobs.inference.versions import ModelWatcher
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.settings import Settings
 
@@ -43,16 +45,28 @@ Republish = Callable[[Sequence[repo.Routing]], None]
 
 def load_engines(settings: Settings, factory: sessionmaker[Session], device: Device,
                  models: Sequence[str]) -> dict[str, Engine]:
-    """Load every model placed on ``device`` once (``DeviceRuntime.start`` warms them up)."""
+    """Load every model placed on ``device`` once (``DeviceRuntime.start`` warms them up). A
+    placement reference ``small@int8`` loads that variant under the model's own name (``small``).
+    A corrupt version is refused here with a clear error (``ModelCorruptError``)."""
+    return {name: engine for name, (engine, _) in load_resolved(settings, factory, device, models).items()}
+
+
+def load_resolved(settings: Settings, factory: sessionmaker[Session], device: Device,
+                  models: Sequence[str]) -> dict[str, tuple[Engine, store.ResolvedModel]]:
+    """``load_engines`` with the registry's answer for each model (its version's id)."""
+    loaded: dict[str, tuple[Engine, store.ResolvedModel]] = {}
+    for reference in models:
+        with factory() as session:
+            resolved = store.resolve(session, reference, settings.environment)
+        loaded[resolved.name] = (load_engine(resolved, device), resolved)
+        log.info("model_loaded model=%s version=%s device=%s", reference, resolved.version, device)
+    return loaded
+
+
+def load_engine(resolved: store.ResolvedModel, device: Device) -> Engine:
     from textnlp_jobs.inference.engine import TransformersEngine
 
-    engines: dict[str, Engine] = {}
-    for name in models:
-        with factory() as session:
-            resolved = store.resolve(session, name)
-        engines[name] = TransformersEngine(name, resolved.version, resolved.path, device.torch_device)
-        log.info("model_loaded model=%s version=%s device=%s", name, resolved.version, device)
-    return engines
+    return TransformersEngine(resolved.name, resolved.version, resolved.path, device.torch_device)
 
 
 def batching_mode(settings: Settings, engines: dict[str, Engine]) -> str:
@@ -85,6 +99,8 @@ class DeviceRuntime:
             engines, settings.batching_for, drop_filter=self._drop_filter, name=worker_name)
         self.claims: GroupRunner[uuid.UUID, repo.ClaimOutcome] = GroupRunner("claim", self._claim_group)
         self.writes: GroupRunner[repo.Finished, bool] = GroupRunner("write", self._write_group)
+        # Set by the worker: switches versions on promotion and records loads and use (versions.py).
+        self.watcher: ModelWatcher | None = None
 
     def start(self) -> None:
         """Start the batching loop and warm every model up on it, before any job arrives."""
@@ -97,6 +113,8 @@ class DeviceRuntime:
                 self.batcher.call_on_loop(warm_up).result(timeout=self.settings.max_job_seconds)
 
     def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.batcher.stop()
         self.claims.stop()
         self.writes.stop()
@@ -137,6 +155,8 @@ class DeviceRuntime:
             return "discarded"
         metrics.JOBS_FINISHED.labels(job.model, "succeeded").inc()
         metrics.JOB_LATENCY.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
+        if self.watcher is not None:
+            self.watcher.used(job.model)
         return "succeeded"
 
     def _claim_group(self, ids: Sequence[uuid.UUID]) -> list[repo.ClaimOutcome]:
@@ -159,7 +179,8 @@ class DeviceRuntime:
         if engine is None:
             raise InputError("model", f"{job.model!r} is not loaded on {self.worker_name}",
                              code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE)
-        ids = engine.tokenize(job.prompt)
+        # A chat job's prompt is its messages as JSON (validation.py); the model's template renders them.
+        ids = engine.tokenize_chat(json.loads(job.prompt)) if job.params.get("chat") else engine.tokenize(job.prompt)
         if len(ids) > self.settings.max_prompt_tokens:
             raise InputError("prompt", f"is {len(ids)} tokens, over the limit of "
                              f"{self.settings.max_prompt_tokens} tokens", code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)

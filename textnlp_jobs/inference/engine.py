@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from textnlp_jobs.errors import OutOfMemoryError, TokenizationError
+from textnlp_jobs.errors import ErrorCode, ModelStoreError, OutOfMemoryError, TokenizationError
+from textnlp_jobs.inference.loading import QUANTIZATION_FILE
 from textnlp_jobs.metrics.registry import record_memory
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class Engine(Protocol):
     device: str
 
     def tokenize(self, prompt: str) -> list[int]: ...
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt ids of a chat, through the model's chat template."""
+        ...
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         """Run ``requests`` (same sampling settings) as one batch."""
@@ -168,21 +173,28 @@ class TransformersEngine:
     def __init__(self, model_name: str, model_version: str, path: Path, device: str = "cpu") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from textnlp_jobs.inference.loading import eos_token_id, load_model, load_tokenizer, max_positions
 
         self.model_name = model_name
         self.model_version = model_version
         self.device = device
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        self.model.to(device)  # type: ignore[arg-type]  # transformers types .to() narrowly
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_model(path)  # a float directory or an int8 variant this project wrote
+        if (path / QUANTIZATION_FILE).is_file() and not device.startswith("cpu"):
+            raise ModelStoreError(f"{model_name} version {model_version} is an int8 CPU variant; "
+                                  f"it cannot run on {device}")
+        self.model.to(device)
         self.model.eval()
-        self.eos_id = int(self.tokenizer.eos_token_id)
+        eos = eos_token_id(self.tokenizer, self.model.config)
+        if eos is None:
+            raise ModelStoreError(f"{model_name} version {model_version} names no end-of-sequence token")
+        self.eos_id = eos
+        # A tokenizer without a pad token pads with EOS: padded positions are masked out anyway.
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
         self.vocab_limit = len(self.tokenizer)
-        self.max_positions = int(getattr(self.model.config, "n_positions", 0)
-                                 or getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_positions = max_positions(self.model.config) or 2048
 
     def tokenize(self, prompt: str) -> list[int]:
         try:
@@ -192,6 +204,16 @@ class TransformersEngine:
         if not ids:
             raise TokenizationError("prompt has no tokens")
         return list(ids)
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise TokenizationError(f"model {self.model_name} version {self.model_version} has no chat template",
+                                    code=ErrorCode.INPUT_NO_CHAT_TEMPLATE)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as error:  # jinja errors from a template that rejects these messages
+            raise TokenizationError(f"chat template failed: {type(error).__name__}: {error}") from error
+        return self.tokenize(str(text))
 
     def warm_up(self) -> None:
         """One tiny generation so the first job does not pay for lazy initialisation."""
@@ -247,7 +269,8 @@ class TransformersEngine:
             new = output[row, width:].tolist()[: request.max_new_tokens]
             if self.eos_id in new:
                 new = new[: new.index(self.eos_id)]
-            text = str(self.tokenizer.decode(new, skip_special_tokens=True))
+            # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
+            text = str(self.tokenizer.decode(new, skip_special_tokens=True)).replace("\x00", "\ufffd")
             results.append(EngineResult(text, new, chooser.logprobs[row][: len(new)]))
         return results
 
@@ -268,6 +291,9 @@ class StubEngine:
         if "\x00" in prompt:
             raise TokenizationError("prompt contains NUL")
         return [len(word) for word in prompt.split()] or [0]
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenize(" ".join(f"{m['role']}: {m['content']}" for m in messages))
 
     def decoder(self) -> Any:
         from textnlp_jobs.inference.decoders import StubDecoder

@@ -1,4 +1,4 @@
-"""The model store on disk and the registry of versions in the ledger.
+"""The model store on disk (the registry of versions in the ledger is ``registry.py``).
 
 A version is a directory ``<store>/<name>/<version>/`` loadable with ``from_pretrained``; its
 version id is the first 12 hex digits of the sha256 of its manifest (file name -> sha256), so
@@ -14,19 +14,25 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
-from textnlp_jobs.db.models import Model, ModelVersion, utcnow
-from textnlp_jobs.errors import ModelStoreError
+    from textnlp_jobs.db.models import ModelVersion
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
+    """A version chosen to be served: ``name`` is the model jobs ask for (``small`` also for
+    ``small@int8``), ``version_id`` its registry row (None for models not in a registry)."""
+
     name: str
     version: str
     path: Path
+    quantization: str | None = None
+    version_id: int | None = None
+    chat_template: bool | None = None  # None: not recorded
 
 
 def file_manifest(directory: Path) -> dict[str, str]:
@@ -47,46 +53,26 @@ def manifest_digest(manifest: dict[str, str]) -> str:
 
 def register_version(session: Session, name: str, path: Path, *, description: str | None = None,
                      quantization: str | None = None) -> ModelVersion:
-    """Record the model directory at ``path`` as a version of ``name`` (idempotent)."""
-    if not path.is_dir():
-        raise ModelStoreError(f"model directory {path} does not exist")
-    manifest = file_manifest(path)
-    digest = manifest_digest(manifest)
-    model = session.execute(select(Model).where(Model.name == name)).scalar_one_or_none()
-    if model is None:
-        model = Model(name=name, description=description, created_at=utcnow())
-        session.add(model)
-        session.flush()
-    version_id = digest[:12]
-    version = session.execute(
-        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == version_id)
-    ).scalar_one_or_none()
-    if version is None:
-        version = ModelVersion(
-            model_id=model.id, version=version_id, path=str(path), manifest=manifest, manifest_sha256=digest,
-            size_bytes=sum((path / f).stat().st_size for f in manifest), quantization=quantization,
-            environments={}, keep_always=False, created_at=utcnow(),
-        )
-        session.add(version)
-        session.flush()
-    return version
+    """Record the model directory at ``path`` as a version of ``name`` with what it is (architecture,
+    dtype, parameters, positions, special tokens); idempotent. See ``registry.record_version``."""
+    from textnlp_jobs.inference import registry
+    from textnlp_jobs.inference.loading import inspect_directory
+
+    return registry.record_version(session, name, path, info=inspect_directory(path), description=description,
+                                   quantization=quantization)
 
 
 def known_models(session: Session) -> list[str]:
-    return list(session.execute(select(Model.name).order_by(Model.name)).scalars())
+    from textnlp_jobs.inference import registry
+
+    return registry.known_models(session)
 
 
 def resolve(session: Session, name: str, environment: str = "production") -> ResolvedModel:
-    """The version of ``name`` to serve: the newest promoted to ``environment``, else the newest."""
-    rows = session.execute(
-        select(ModelVersion).join(Model, Model.id == ModelVersion.model_id)
-        .where(Model.name == name).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
-    ).scalars().all()
-    if not rows:
-        raise ModelStoreError(f"model {name!r} is not registered (run `textnlp-jobs models bootstrap`)")
-    promoted = [v for v in rows if environment in (v.environments or {})]
-    chosen = promoted[0] if promoted else rows[0]
-    return ResolvedModel(name, chosen.version, Path(chosen.path))
+    """The version of ``name`` to serve in ``environment``; see ``registry.resolve``."""
+    from textnlp_jobs.inference import registry
+
+    return registry.resolve(session, name, environment)
 
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
@@ -124,3 +110,32 @@ def build_into_store(store: Path, name: str, build: Callable[[Path], object]) ->
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def copy_into_store(store: Path, name: str, source: Path) -> Path:
+    """Copy the directory ``source`` into the store as a version of ``name``; returns its place."""
+    return build_into_store(store, name, lambda target: shutil.copytree(source, target, dirs_exist_ok=True))
+
+
+def owns(store: Path, path: Path) -> bool:
+    """Whether ``path`` is a version directory inside the store (so the store may delete it)."""
+    try:
+        path.resolve().relative_to(store.resolve())
+    except ValueError:
+        return False
+    return path.resolve() != store.resolve()
+
+
+def to_trash(store: Path, path: Path) -> Path:
+    """Move a version directory out of sight in one rename; ``empty_trash`` deletes it."""
+    trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=store)) / path.name
+    path.rename(trash)
+    return trash
+
+
+def empty_trash(trash: Path) -> None:
+    shutil.rmtree(trash.parent, ignore_errors=True)
+
+
+def directory_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

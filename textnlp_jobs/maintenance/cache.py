@@ -45,6 +45,7 @@ EXPIRE_PREFIXES: tuple[str, ...] = (REDIS_KEY_PREFIX,)
 NEVER_EXPIRE: tuple[bytes, ...] = (LOCK_KEY_PREFIX.encode(), REDBEAT_KEY_PREFIX.encode())
 SCAN_COUNT = 1000
 KOMBU_BINDING_PREFIX = "_kombu.binding."
+KOMBU_PERMANENT_BINDING_PREFIX = "_kombu.binding_permanent."
 
 # Delete a key only if it still has no TTL and is still idle: the pipeline's answer may be stale.
 _UNLINK_IF_IDLE = """
@@ -143,7 +144,12 @@ def unused_bindings(ctx: TaskContext, client: redis.Redis) -> dict[str, Any]:
             if _recently_used(ctx, queue):
                 continue  # a producer may still hold the binding as declared: keep it
             if not ctx.dry_run:
-                client.srem(key, member)
+                # kombu keeps a second copy of permanent bindings; its own unbind removes both.
+                exchange = as_bytes(key)[len(KOMBU_BINDING_PREFIX):]
+                with client.pipeline(transaction=True) as pipe:
+                    pipe.srem(key, member)
+                    pipe.srem(KOMBU_PERMANENT_BINDING_PREFIX.encode() + exchange, member)
+                    pipe.execute()
             removed.append(queue)
     return {"bindings_removed": len(removed), "unused_queues": sorted(set(removed))}
 

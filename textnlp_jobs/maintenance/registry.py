@@ -31,6 +31,7 @@ TASK_MODULES: tuple[str, ...] = (
     "textnlp_jobs.maintenance.queues",
     "textnlp_jobs.maintenance.health",
     "textnlp_jobs.metrics.expire",
+    "textnlp_jobs.maintenance.models",
 )
 
 

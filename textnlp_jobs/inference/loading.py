@@ -1,0 +1,178 @@
+"""Reading a model directory: what it holds (for the registry) and how to load it (for engines).
+
+Two layouts load: a Hugging Face directory with safetensors weights, and an int8 variant this
+project wrote (``textnlp-quantization.json`` beside ``quantized.safetensors``, see quantize.py).
+Pickled ``.bin`` weights are refused: loading them runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textnlp_jobs.errors import ModelRegistrationError
+
+QUANTIZATION_FILE = "textnlp-quantization.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry records about a loadable directory."""
+
+    architecture: str
+    model_type: str
+    dtype: str
+    parameter_count: int
+    max_positions: int | None
+    special_tokens: dict[str, Any]
+    quantization: str | None
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position scheme allows, whatever the family calls it
+    (GPT-2 ``n_positions`` is mapped onto ``max_position_embeddings`` by its config)."""
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def quantization_of(path: Path) -> dict[str, Any] | None:
+    """The quantization record of a variant this project wrote, None for a plain directory."""
+    marker = path / QUANTIZATION_FILE
+    if not marker.is_file():
+        return None
+    record: dict[str, Any] = json.loads(marker.read_text())
+    return record
+
+
+def check_files(path: Path) -> None:
+    """Refuse a directory that lacks a file loading needs, naming the file."""
+    if not path.is_dir():
+        raise ModelRegistrationError(f"{path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelRegistrationError(f"missing config.json in {path}")
+    quantized = quantization_of(path)
+    if quantized is not None:
+        weights = path / str(quantized.get("weights", ""))
+        if not weights.is_file():
+            raise ModelRegistrationError(f"missing weights: {weights.name} named by {QUANTIZATION_FILE} in {path}")
+    else:
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise ModelRegistrationError(f"missing weights: {missing[0]} (listed in {index.name}) in {path}")
+        elif not any(path.glob("*.safetensors")):
+            pickled = sorted(p.name for p in path.glob("*.bin"))
+            if pickled:
+                raise ModelRegistrationError(
+                    f"missing weights: model.safetensors in {path} (found only pickled {pickled[0]}; "
+                    "convert it to safetensors, pickled weights are never loaded)")
+            raise ModelRegistrationError(f"missing weights: model.safetensors in {path}")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelRegistrationError(f"missing tokenizer: none of {', '.join(_TOKENIZER_FILES)} in {path}")
+
+
+def check_architecture(path: Path) -> str:
+    """The config's ``model_type``, if transformers has a causal LM for it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # type: ignore[attr-defined]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelRegistrationError(f"config.json in {path} is not readable JSON: {error}") from None
+    model_type = raw.get("model_type")
+    declared = ", ".join(raw.get("architectures") or []) or "none declared"
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelRegistrationError(
+            f"unsupported architecture: model_type {model_type!r} ({declared}) in {path / 'config.json'} "
+            "is not one this version of transformers knows")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelRegistrationError(
+            f"unsupported architecture: {model_type!r} ({declared}) has no causal language model in transformers")
+    return model_type
+
+
+def load_tokenizer(path: Path) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_model(path: Path) -> Any:
+    """The model in ``path`` on the CPU, in eval mode, from either layout."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if quantization_of(path) is not None:
+        from textnlp_jobs.inference.quantize import load_quantized
+
+        return load_quantized(path)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return model
+
+
+def eos_token_id(tokenizer: Any, config: Any) -> int | None:
+    """The end-of-sequence id: the tokenizer's, else the config's (the first of a list)."""
+    value = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(config, "eos_token_id", None)
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    return int(value) if value is not None else None
+
+
+def inspect_directory(path: Path) -> ModelInfo:
+    """Load ``path`` as a worker would and describe it; ``ModelRegistrationError`` saying what is
+    wrong (missing file, unknown architecture, tokenizer that does not fit) otherwise."""
+    check_files(path)
+    model_type = check_architecture(path)
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as error:  # the tokenizer backends raise many kinds
+        raise ModelRegistrationError(f"tokenizer in {path} does not load: {type(error).__name__}: {error}") from None
+    try:
+        model = load_model(path)
+    except ModelRegistrationError:
+        raise
+    except Exception as error:
+        raise ModelRegistrationError(f"model in {path} does not load: {type(error).__name__}: {error}") from None
+    rows = int(model.get_input_embeddings().num_embeddings)
+    if len(tokenizer) > rows:
+        raise ModelRegistrationError(
+            f"mismatched tokenizer: it has {len(tokenizer)} tokens but the model's embedding has {rows} rows")
+    eos = eos_token_id(tokenizer, model.config)
+    if eos is None:
+        raise ModelRegistrationError("no end-of-sequence token: neither the tokenizer nor config.json names one")
+    special: dict[str, Any] = {}
+    for name in _SPECIAL:
+        token = getattr(tokenizer, name, None)
+        token_id = getattr(tokenizer, f"{name}_id", None)
+        if token_id is not None and not 0 <= int(token_id) < rows:
+            raise ModelRegistrationError(f"mismatched tokenizer: {name} id {token_id} is outside the model's "
+                                         f"{rows} embedding rows")
+        special[name] = None if token is None else str(token)
+        special[f"{name}_id"] = None if token_id is None else int(token_id)
+    special["eos_token_id"] = eos
+    special["chat_template"] = bool(getattr(tokenizer, "chat_template", None))
+    quantized = quantization_of(path)
+    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+    if quantized is not None:
+        dtype, parameters = str(quantized.get("dtype", "int8")), int(quantized.get("parameter_count", 0))
+    else:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        parameters = int(model.num_parameters())
+    return ModelInfo(
+        architecture=str(architectures[0]), model_type=model_type, dtype=dtype, parameter_count=parameters,
+        max_positions=max_positions(model.config), special_tokens=special,
+        quantization=None if quantized is None else str(quantized.get("method")),
+    )
