@@ -51,6 +51,20 @@ class _Running:
         self.jobs: dict[Hashable, tuple[PendingJob, float, int]] = {}  # key -> (job, admitted at, batch size)
         self.cap: int | None = None  # lowered after out-of-memory until the batch empties
         self.tokens = 0
+        # tokens/s is reported over windows of about a second: a running batch has no single
+        # generate call to divide by, and a per-job figure would ignore the rows beside it.
+        self.window_started = time.monotonic()
+        self.window_tokens = 0
+
+    def count_tokens(self, tokens: int, now: float) -> None:
+        """Add finished tokens; publish the window's rate once it is a second long."""
+        self.tokens += tokens
+        self.window_tokens += tokens
+        elapsed = now - self.window_started
+        if elapsed >= 1.0:
+            metrics.TOKENS_PER_SECOND.labels(self.engine.model_name, self.engine.model_version).set(
+                self.window_tokens / elapsed)
+            self.window_started, self.window_tokens = now, 0
 
 
 class ContinuousBatcher:
@@ -306,7 +320,7 @@ class ContinuousBatcher:
             metrics.batch_finished()
         for key, result in finished:
             job, admitted, size = running.jobs.pop(key)
-            running.tokens += result.tokens_generated
+            running.count_tokens(result.tokens_generated, now)
             # No single generate call here: a job's time in the running batch is its inference time.
             metrics.INFERENCE_DURATION.labels(
                 running.engine.model_name, running.engine.model_version,
@@ -316,6 +330,8 @@ class ContinuousBatcher:
                                                     admitted - job.arrived))
         if not running.jobs:
             running.cap = None
+            # An idle device is not a slow one: the next window starts with the next batch.
+            running.window_started, running.window_tokens = now, 0
 
     def _check_loop(self) -> None:
         """Every ``recheck_seconds``: ask the ledger which waiting or decoding jobs were cancelled
