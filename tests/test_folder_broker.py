@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-from kombu import Connection
+from textnlp_jobs.folder_broker import Channel
 
-import textnlp_jobs.celery_app  # noqa: F401  (installs the transport, as every process does)
-from textnlp_jobs.folder_broker import Channel, Transport
+_ROUND_TRIP = """
+import os, sys
+from kombu import Connection
+import textnlp_jobs.celery_app  # installs the transport, as every process does
+from textnlp_jobs.folder_broker import Transport
+folder = sys.argv[1]
+with Connection("filesystem://localhost/", transport_options={"data_folder_in": folder,
+                                                              "data_folder_out": folder}) as connection:
+    assert isinstance(connection.transport, Transport), type(connection.transport)
+    queue = connection.SimpleQueue("textnlp.gen.demo")
+    queue.put({"job": "1"})
+    names = os.listdir(folder)
+    assert [n.endswith(".textnlp.gen.demo.msg") for n in names] == [True], names
+    assert queue.get(timeout=10).payload == {"job": "1"}
+    queue.close()
+print("ok")
+"""
 
 
 def test_filesystem_urls_use_the_atomic_transport(tmp_path: Path) -> None:
-    folder = str(tmp_path)
-    with Connection("filesystem://localhost/", transport_options={"data_folder_in": folder,
-                                                                  "data_folder_out": folder}) as connection:
-        assert isinstance(connection.transport, Transport)
-        queue = connection.SimpleQueue("textnlp.gen.demo")
-        queue.put({"job": "1"})
-        assert [p.endswith(".textnlp.gen.demo.msg") for p in os.listdir(folder)] == [True]
-        assert queue.get(timeout=2).payload == {"job": "1"}
-        queue.close()
+    # A fresh process, as a producer or worker is: kombu keeps broker state per transport class
+    # across connections, so an earlier test's connections in this process must not shape this one.
+    done = subprocess.run([sys.executable, "-c", _ROUND_TRIP, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_a_message_appears_only_once_written_whole(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
