@@ -60,8 +60,9 @@ class PendingJob:
 DropFilter = Callable[[Sequence[PendingJob]], set[Any]]
 
 
-class MicroBatcher:
-    """One per device. Thread-safe ``submit``; ``start``/``stop`` own the loop thread."""
+class DeviceLoop:
+    """What both batching loops share: the inbox of jobs and of calls that callers on task threads
+    hand to the one loop thread of a device. Thread-safe ``submit`` and ``call_on_loop``."""
 
     def __init__(
         self,
@@ -94,13 +95,29 @@ class MicroBatcher:
         return pending.future
 
     def call_on_loop(self, function: Callable[[], Any]) -> Future[Any]:
-        """Run ``function`` on the loop thread, between batches (e.g. warm-up). Torch work done on
-        another thread would start a second OpenMP pool that competes with the loop's on CPUs."""
+        """Run ``function`` on the loop thread, between batches or steps (e.g. warm-up). Torch work
+        done on another thread would start a second OpenMP pool that competes with the loop's on CPUs."""
         future: Future[Any] = Future()
         with self._changed:
             self._calls.append((function, future))
             self._changed.notify()
         return future
+
+    # --- the loop's side -------------------------------------------------------------------
+    def _run_calls(self) -> None:
+        while True:
+            with self._changed:
+                if not self._calls:
+                    return
+                function, future = self._calls.popleft()
+            try:
+                future.set_result(function())
+            except BaseException as error:  # handed to the caller, who decides
+                future.set_exception(error)
+
+
+class MicroBatcher(DeviceLoop):
+    """One per device: static batches. ``start``/``stop`` own the loop thread."""
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{self.name}", daemon=True)
@@ -150,17 +167,6 @@ class MicroBatcher:
                     self._pending = deque(p for p in self._pending if id(p) not in chosen)
                     return mates
                 self._changed.wait(remaining)
-
-    def _run_calls(self) -> None:
-        while True:
-            with self._changed:
-                if not self._calls:
-                    return
-                function, future = self._calls.popleft()
-            try:
-                future.set_result(function())
-            except BaseException as error:  # handed to the caller, who decides
-                future.set_exception(error)
 
     def _run(self, batch: list[PendingJob]) -> None:
         if not batch:  # woken for a call_on_loop, not for jobs

@@ -23,7 +23,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 from textnlp_jobs.errors import (
@@ -33,9 +32,9 @@ from textnlp_jobs.errors import (
     TextNLPError,
     WorkerShuttingDownError,
 )
-from textnlp_jobs.inference.batcher import BatchedResult, DropFilter, PendingJob
+from textnlp_jobs.inference.batcher import BatchedResult, DeviceLoop, DropFilter, PendingJob
 from textnlp_jobs.inference.decoders import Decoder
-from textnlp_jobs.inference.engine import Engine, EngineRequest
+from textnlp_jobs.inference.engine import Engine
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.settings import BatchingPolicy
 
@@ -67,8 +66,8 @@ class _Running:
             self.window_started, self.window_tokens = now, 0
 
 
-class ContinuousBatcher:
-    """One per device. Thread-safe ``submit``; ``start``/``stop`` own the loop thread."""
+class ContinuousBatcher(DeviceLoop):
+    """One per device: iteration-level batching. ``start``/``stop`` own the loop thread."""
 
     def __init__(
         self,
@@ -79,41 +78,13 @@ class ContinuousBatcher:
         name: str = "device",
         recheck_seconds: float = 0.25,
     ) -> None:
-        self.engines = engines
-        self.policy_for = policy_for
-        self.drop_filter = drop_filter
-        self.name = name
+        super().__init__(engines, policy_for, drop_filter=drop_filter, name=name)
         self.recheck_seconds = recheck_seconds
         self._running: dict[str, _Running] = {}
-        self._pending: deque[PendingJob] = deque()
-        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._changed = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._checker: threading.Thread | None = None
         self._stop_checking = threading.Event()
         self._gone: set[Any] = set()  # job ids the checker found cancelled or overdue
         self._riding: list[PendingJob] = []  # the loop's latest list of jobs in running batches
-
-    # --- the callers' side -----------------------------------------------------------------
-    def submit(self, job_id: Any, model: str, request: EngineRequest) -> Future[BatchedResult]:
-        if model not in self.engines:
-            raise InferenceError(f"model {model!r} is not loaded on {self.name}")
-        pending = PendingJob(job_id, model, request)
-        with self._changed:
-            if self._stopping:
-                raise WorkerShuttingDownError(f"{self.name} is stopping")
-            self._pending.append(pending)
-            self._changed.notify()
-        return pending.future
-
-    def call_on_loop(self, function: Callable[[], Any]) -> Future[Any]:
-        """Run ``function`` on the loop thread between steps (e.g. warm-up)."""
-        future: Future[Any] = Future()
-        with self._changed:
-            self._calls.append((function, future))
-            self._changed.notify()
-        return future
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"continuous-{self.name}", daemon=True)
@@ -215,17 +186,6 @@ class ContinuousBatcher:
                 left.append(pending)
         self._pending = left
         return taken
-
-    def _run_calls(self) -> None:
-        while True:
-            with self._changed:
-                if not self._calls:
-                    return
-                function, future = self._calls.popleft()
-            try:
-                future.set_result(function())
-            except BaseException as error:  # handed to the caller, who decides
-                future.set_exception(error)
 
     def _dropped(self, jobs: Sequence[PendingJob]) -> set[Any]:
         if self.drop_filter is None or not jobs:
