@@ -200,9 +200,14 @@ class Client:
         finished: dict[uuid.UUID, Job] = {}
         give_up = time.monotonic() + timeout
         delay = poll
+        self.get_many(wanted)  # every id must exist (JobNotFoundError otherwise)
         while True:
+            # Poll the ids that turned final (cheap), then read only those rows: a client waiting
+            # for a thousand jobs must not read a thousand rows every poll.
             pending = [i for i in wanted if i not in finished]
-            newly = [job for job in self.get_many(pending) if job.done]
+            with ledger_errors(self.settings), self.sessions() as session:
+                final = repo.final_among(session, pending)
+            newly = [job for job in self.get_many([i for i in pending if i in final]) if job.done]
             for job in newly:
                 finished[job.id] = job
             if progress and newly:

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
 
     # Task threads per device worker; None means two per batch slot (2 x the largest max_batch).
     worker_concurrency: int | None = Field(None, ge=1, le=1024)
+    # A device worker runs its models and batching loop in a child process (inference/engine_process.py),
+    # so Celery, ledger and broker work never holds the GIL its decode loop needs. False: one process.
+    engine_process: bool = True
 
     task_events: bool = False
 

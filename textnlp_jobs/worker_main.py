@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from textnlp_jobs.constants import generation_queue
 from textnlp_jobs.devices import Device
@@ -88,11 +88,6 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     check_timeouts(settings)
     import torch
 
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    # The inference loop re-takes the GIL after every torch op; when a task thread holds it, the
-    # loop waits up to the switch interval (5 ms by default) each time. Shorter keeps the device fed.
-    sys.setswitchinterval(0.0005)
     if dev.kind == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError(f"device {dev} requested but CUDA is not available",
                                  code=ErrorCode.CONFIG_DEVICE_UNAVAILABLE)
@@ -100,9 +95,8 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     from textnlp_jobs.celery_app import app
     from textnlp_jobs.db.health import ledger_errors
     from textnlp_jobs.db.session import session_factory
-    from textnlp_jobs.inference.device import DeviceRuntime, load_engine, load_resolved
+    from textnlp_jobs.inference.device import DeviceRuntime
     from textnlp_jobs.inference.registry import parse_reference
-    from textnlp_jobs.inference.versions import ModelWatcher
     from textnlp_jobs.liveness import Liveness
     from textnlp_jobs.maintenance.health import announce_device, retire_device
     from textnlp_jobs.metrics.push import DEVICE_WORKER_JOB, start_worker_metrics, stop_worker_metrics
@@ -123,21 +117,12 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         liveness.register()
     liveness.start()
     try:
-        loaded = load_resolved(settings, factory, dev, references)
-        engines = {name: engine for name, (engine, _) in loaded.items()}
+        engine_side = make_engine_side(settings, factory, dev, references, torch_threads, loglevel)
         queues = [generation_queue(m) for m in names] + [dev.queue]
         threads = (concurrency or settings.worker_concurrency
                    or 2 * max(settings.batching_for(m).max_batch for m in names))
-        runtime = DeviceRuntime(settings, factory, engines, worker_name=dev.name, republish=republish)
-        runtime.start()
-        # Promotions and rollbacks reach this worker through a registry poll (inference/versions.py).
-        runtime.watcher = ModelWatcher(
-            settings, factory, engines, {parse_reference(r)[0]: r for r in references}, worker=dev.name,
-            load=lambda resolved: load_engine(resolved, dev),
-            run_on_loop=lambda call: runtime.batcher.call_on_loop(call).result(timeout=settings.max_job_seconds))
-        for name, (_, resolved) in loaded.items():
-            runtime.watcher.loaded(name, resolved.version_id)
-        runtime.watcher.start()
+        runtime = DeviceRuntime(settings, factory, engine_side, worker_name=dev.name, republish=republish)
+        runtime.start()  # the models load (in the engine process) and warm up before consuming
         generation.install_runtime(runtime)
         start_worker_metrics(settings, DEVICE_WORKER_JOB, dev.local, device=dev.local)
         announce_device(settings, dev.local, dev.hostname)
@@ -152,6 +137,8 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
                 f"--queues={','.join(queues)}", f"--hostname={dev.hostname}",
                 f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
             ])
+            if getattr(engine_side, "crashed", False):  # its engine process died: restart us
+                status = status or 1
             if not status:  # a clean stop: health.check no longer expects this device
                 retire_device(settings, dev.local)
         finally:
@@ -161,6 +148,22 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     finally:
         liveness.stop()
     return int(status or 0)
+
+
+def make_engine_side(settings: Settings, factory: Any, dev: Device, references: Sequence[str],
+                     torch_threads: int | None, loglevel: str) -> Any:
+    """The device's engines and batching loop: in a child process (``TEXTNLP_ENGINE_PROCESS``,
+    the default), so ledger and broker work in this process never holds the GIL the decode loop
+    needs; or here, loaded now."""
+    if settings.engine_process:
+        from textnlp_jobs.inference.engine_process import RemoteEngineSide
+
+        return RemoteEngineSide(dev.local, references, torch_threads=torch_threads, loglevel=loglevel,
+                                start_timeout=settings.max_job_seconds + 600)
+    from textnlp_jobs.inference.engine_side import LocalEngineSide, prepare_loop_process
+
+    prepare_loop_process(torch_threads)
+    return LocalEngineSide.load(settings, factory, dev, references)
 
 
 def run_maintenance_worker(*, loglevel: str = "INFO", concurrency: int | None = None, only: str | None = None) -> None:

@@ -1,7 +1,8 @@
-"""One device's runtime: its loaded models, its batching loop, and the life of one job on it.
+"""The system half of one device worker: the life of one job around the engine side.
 
 ``DeviceRuntime.run_job`` is what a Celery task thread calls: claim the row, hand the job to the
-batching loop, wait for its own result, write it exactly once. Claims and result writes are
+device's engine side (``engine_side``: in a child process by default, in this process for tests
+with stub engines), wait for its own result, write it exactly once. Claims and result writes are
 group-committed (``groups.GroupRunner``): the task threads that wait at the same time share one
 claim statement and one write statement, and each thread returns (so Celery acks its message)
 only after its row is written. It knows nothing of Celery; the task module is a thin shell
@@ -10,7 +11,6 @@ around it.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -20,21 +20,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.models import utcnow
-from textnlp_jobs.devices import Device
 from textnlp_jobs.errors import (
     ErrorCode,
     InferenceError,
-    InputError,
     JobDroppedError,
     TextNLPError,
     WorkerShuttingDownError,
 )
-from textnlp_jobs.inference import store
-from textnlp_jobs.inference.batcher import MicroBatcher, PendingJob
-from textnlp_jobs.inference.continuous import ContinuousBatcher
-from textnlp_jobs.inference.engine import Engine, EngineRequest, SamplingParams
+from textnlp_jobs.inference.engine import Engine
+from textnlp_jobs.inference.engine_side import EngineSide, JobSpec, LocalEngineSide
 from textnlp_jobs.inference.groups import GroupRunner
-from textnlp_jobs.inference.versions import ModelWatcher
 from textnlp_jobs.metrics import registry as metrics
 from textnlp_jobs.settings import Settings
 
@@ -43,79 +38,34 @@ log = logging.getLogger(__name__)
 Republish = Callable[[Sequence[repo.Routing]], None]
 
 
-def load_engines(settings: Settings, factory: sessionmaker[Session], device: Device,
-                 models: Sequence[str]) -> dict[str, Engine]:
-    """Load every model placed on ``device`` once (``DeviceRuntime.start`` warms them up). A
-    placement reference ``small@int8`` loads that variant under the model's own name (``small``).
-    A corrupt version is refused here with a clear error (``ModelCorruptError``)."""
-    return {name: engine for name, (engine, _) in load_resolved(settings, factory, device, models).items()}
-
-
-def load_resolved(settings: Settings, factory: sessionmaker[Session], device: Device,
-                  models: Sequence[str]) -> dict[str, tuple[Engine, store.ResolvedModel]]:
-    """``load_engines`` with the registry's answer for each model (its version's id)."""
-    loaded: dict[str, tuple[Engine, store.ResolvedModel]] = {}
-    for reference in models:
-        with factory() as session:
-            resolved = store.resolve(session, reference, settings.environment)
-        loaded[resolved.name] = (load_engine(resolved, device), resolved)
-        log.info("model_loaded model=%s version=%s device=%s", reference, resolved.version, device)
-    return loaded
-
-
-def load_engine(resolved: store.ResolvedModel, device: Device) -> Engine:
-    from textnlp_jobs.inference.engine import TransformersEngine
-
-    return TransformersEngine(resolved.name, resolved.version, resolved.path, device.torch_device)
-
-
-def batching_mode(settings: Settings, engines: dict[str, Engine]) -> str:
-    """The device's loop: continuous when every model on it asks for continuous (or defaults to
-    it on this device) and its engine can decode row by row; static otherwise."""
-    modes = {name: settings.batching_for(name).mode_on(engine.device) for name, engine in engines.items()}
-    def can_continue(engine: Engine) -> bool:
-        return bool(getattr(engine, "supports_continuous", hasattr(engine, "decoder")))
-
-    if modes and all(mode == "continuous" and can_continue(engines[name]) for name, mode in modes.items()):
-        return "continuous"
-    if "continuous" in modes.values():
-        log.warning("batching_mode_static device_models=%s reason=mixed_modes", modes)
-    return "static"
-
-
 class DeviceRuntime:
     """The models and batching loop of one device, and the per-job protocol around them."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session], engines: dict[str, Engine],
-                 *, worker_name: str, republish: Republish) -> None:
+    def __init__(self, settings: Settings, factory: sessionmaker[Session],
+                 engines: dict[str, Engine] | EngineSide, *, worker_name: str, republish: Republish) -> None:
         self.settings = settings
         self.sessions = factory
-        self.engines = engines
         self.worker_name = worker_name
         self.republish = republish
-        self.mode = batching_mode(settings, engines)
-        batcher = ContinuousBatcher if self.mode == "continuous" else MicroBatcher
-        self.batcher: MicroBatcher | ContinuousBatcher = batcher(
-            engines, settings.batching_for, drop_filter=self._drop_filter, name=worker_name)
+        # A dict of engines runs them in this process (tests, stub engines); a worker passes its
+        # engine process (engine_process.RemoteEngineSide).
+        self.engine_side: EngineSide = (LocalEngineSide(settings, factory, engines, name=worker_name)
+                                        if isinstance(engines, dict) else engines)
         self.claims: GroupRunner[uuid.UUID, repo.ClaimOutcome] = GroupRunner("claim", self._claim_group)
         self.writes: GroupRunner[repo.Finished, bool] = GroupRunner("write", self._write_group)
-        # Set by the worker: switches versions on promotion and records loads and use (versions.py).
-        self.watcher: ModelWatcher | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.engine_side.mode
 
     def start(self) -> None:
-        """Start the batching loop and warm every model up on it, before any job arrives."""
+        """Start the engine side (models warm, loop running) before any job arrives."""
         self.claims.start()
         self.writes.start()
-        self.batcher.start()
-        for engine in self.engines.values():
-            warm_up = getattr(engine, "warm_up", None)
-            if warm_up is not None:
-                self.batcher.call_on_loop(warm_up).result(timeout=self.settings.max_job_seconds)
+        self.engine_side.start()
 
     def stop(self) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
-        self.batcher.stop()
+        self.engine_side.stop()
         self.claims.stop()
         self.writes.stop()
 
@@ -127,12 +77,11 @@ class DeviceRuntime:
             log.info("job_not_run job=%s reason=%s", job_id, outcome.reason)
             metrics.JOBS_DROPPED.labels("unknown", outcome.reason).inc()
             return outcome.reason
-        if job.model not in self.engines:
+        if job.model not in self.engine_side.served():
             return self._not_served_here(job)
         metrics.QUEUE_WAIT.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
         try:
-            request = self._request_for(job)
-            future = self.batcher.submit((job.id, job.attempt), job.model, request)
+            future = self.engine_side.submit((job.id, job.attempt), job.model, JobSpec.of(job))
             done = future.result(timeout=self.settings.max_job_seconds)
         except JobDroppedError:
             return self._dropped(job)
@@ -155,8 +104,6 @@ class DeviceRuntime:
             return "discarded"
         metrics.JOBS_FINISHED.labels(job.model, "succeeded").inc()
         metrics.JOB_LATENCY.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
-        if self.watcher is not None:
-            self.watcher.used(job.model)
         return "succeeded"
 
     def _claim_group(self, ids: Sequence[uuid.UUID]) -> list[repo.ClaimOutcome]:
@@ -173,26 +120,6 @@ class DeviceRuntime:
         with self.sessions.begin() as session:
             written = repo.write_successes(session, results, self.worker_name)
         return [r.job_id in written for r in results]
-
-    def _request_for(self, job: repo.ClaimedJob) -> EngineRequest:
-        engine = self.engines.get(job.model)
-        if engine is None:
-            raise InputError("model", f"{job.model!r} is not loaded on {self.worker_name}",
-                             code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE)
-        # A chat job's prompt is its messages as JSON (validation.py); the model's template renders them.
-        ids = engine.tokenize_chat(json.loads(job.prompt)) if job.params.get("chat") else engine.tokenize(job.prompt)
-        if len(ids) > self.settings.max_prompt_tokens:
-            raise InputError("prompt", f"is {len(ids)} tokens, over the limit of "
-                             f"{self.settings.max_prompt_tokens} tokens", code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
-        params = job.params
-        sampling = SamplingParams(float(params.get("temperature", 0.0)), float(params.get("top_p", 1.0)),
-                                  int(params.get("top_k", 0)))
-        return EngineRequest(ids, job.max_new_tokens, sampling, params.get("seed"))
-
-    def _drop_filter(self, batch: Sequence[PendingJob]) -> set[object]:
-        with self.sessions() as session:
-            gone = repo.cancelled_or_overdue(session, [p.job_id for p in batch])
-        return {p.job_id for p in batch if p.job_id[0] in gone}
 
     def _dropped(self, job: repo.ClaimedJob) -> str:
         with self.sessions.begin() as session:
