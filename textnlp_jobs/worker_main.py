@@ -92,6 +92,7 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         raise ConfigurationError(f"device {dev} requested but CUDA is not available",
                                  code=ErrorCode.CONFIG_DEVICE_UNAVAILABLE)
 
+    from textnlp_jobs import generation_consumer
     from textnlp_jobs.celery_app import app
     from textnlp_jobs.db.health import ledger_errors
     from textnlp_jobs.db.session import session_factory
@@ -124,6 +125,9 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         runtime = DeviceRuntime(settings, factory, engine_side, worker_name=dev.name, republish=republish)
         runtime.start()  # the models load (in the engine process) and warm up before consuming
         generation.install_runtime(runtime)
+        # The generation queues are consumed by a consumer step in groups (generation_consumer.py);
+        # Celery's own task consumer only watches a queue of its own.
+        generation_consumer.install(app, runtime, queues, prefetch=threads, drain_seconds=settings.max_job_seconds)
         start_worker_metrics(settings, DEVICE_WORKER_JOB, dev.local, device=dev.local)
         announce_device(settings, dev.local, dev.hostname)
         log.info("device_worker_starting device=%s models=%s queues=%s threads=%d cuda_visible_devices=%s "
@@ -133,8 +137,8 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
             # app.start returns Celery's exit status (worker_main would drop it): a worker that
             # stopped on an unrecoverable error must exit non-zero so its supervisor restarts it.
             status = app.start([
-                *quiet_flags(loglevel), "worker", "--pool=threads", f"--concurrency={threads}",
-                f"--queues={','.join(queues)}", f"--hostname={dev.hostname}",
+                *quiet_flags(loglevel), "worker", "--pool=threads", "--concurrency=2",
+                f"--queues={generation_consumer.control_queue(dev.queue)}", f"--hostname={dev.hostname}",
                 f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
             ])
             if getattr(engine_side, "crashed", False):  # its engine process died: restart us

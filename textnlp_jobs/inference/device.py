@@ -11,10 +11,15 @@ around it.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Protocol, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +32,7 @@ from textnlp_jobs.errors import (
     TextNLPError,
     WorkerShuttingDownError,
 )
+from textnlp_jobs.inference.batcher import BatchedResult
 from textnlp_jobs.inference.engine import Engine
 from textnlp_jobs.inference.engine_side import EngineSide, JobSpec, LocalEngineSide
 from textnlp_jobs.inference.groups import GroupRunner
@@ -36,6 +42,19 @@ from textnlp_jobs.settings import Settings
 log = logging.getLogger(__name__)
 
 Republish = Callable[[Sequence[repo.Routing]], None]
+Key = tuple[uuid.UUID, int]  # (job id, attempt)
+R = TypeVar("R")
+
+
+class Done(Protocol):
+    """Told a delivered job's outcome once it is in the ledger (the consumer acks then)."""
+
+    def __call__(self, outcome: str, *, requeue: bool = False) -> None: ...
+
+
+def as_textnlp(error: BaseException) -> TextNLPError:
+    return error if isinstance(error, TextNLPError) else InferenceError(
+        f"generation failed: {type(error).__name__}: {error}")
 
 
 class DeviceRuntime:
@@ -53,6 +72,15 @@ class DeviceRuntime:
                                         if isinstance(engines, dict) else engines)
         self.claims: GroupRunner[uuid.UUID, repo.ClaimOutcome] = GroupRunner("claim", self._claim_group)
         self.writes: GroupRunner[repo.Finished, bool] = GroupRunner("write", self._write_group)
+        # Group delivery (``deliver``): claim what arrived together, record what finished together.
+        self.intake: GroupRunner[tuple[uuid.UUID, Done], None] = GroupRunner("intake", self._start_group)
+        self.finishing: GroupRunner[tuple[Key, Future[BatchedResult]], None] = GroupRunner(
+            "finish", self._finish_group)
+        self._in_flight: dict[Key, tuple[repo.ClaimedJob, Done, float]] = {}
+        self._in_flight_lock = threading.Lock()
+        self._claiming = 0
+        self._sweeper_stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     @property
     def mode(self) -> str:
@@ -63,48 +91,197 @@ class DeviceRuntime:
         self.claims.start()
         self.writes.start()
         self.engine_side.start()
+        self.intake.start()
+        self.finishing.start()
+        self._sweeper = threading.Thread(target=self._sweep_overdue, name="overdue-sweep", daemon=True)
+        self._sweeper.start()
 
     def stop(self) -> None:
+        """Stop the engine side (what it still holds fails with ``WorkerShuttingDownError`` and
+        is given back to the queue), then the group runners after their last groups."""
+        self._sweeper_stop.set()
+        self.intake.stop()
         self.engine_side.stop()
+        self.finishing.stop()
         self.claims.stop()
         self.writes.stop()
 
     def run_job(self, job_id: uuid.UUID) -> str:
-        """Run one delivery of a job. Returns what happened (a status, or why nothing ran)."""
+        """Run one delivery of a job in the caller's thread (a Celery task thread). Returns what
+        happened (a status, or why nothing ran). Device workers use ``deliver`` instead."""
         outcome = self.claims.submit(job_id).result()
         job = outcome.job
         if job is None:
-            log.info("job_not_run job=%s reason=%s", job_id, outcome.reason)
-            metrics.JOBS_DROPPED.labels("unknown", outcome.reason).inc()
-            return outcome.reason
+            return self._not_claimed(job_id, outcome.reason)
         if job.model not in self.engine_side.served():
             return self._not_served_here(job)
         metrics.QUEUE_WAIT.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
         try:
             future = self.engine_side.submit((job.id, job.attempt), job.model, JobSpec.of(job))
             done = future.result(timeout=self.settings.max_job_seconds)
-        except JobDroppedError:
-            return self._dropped(job)
-        except WorkerShuttingDownError:
-            return self._give_back(job)
         except FutureTimeout:
-            return self._failed(job, InferenceError(f"no result within {self.settings.max_job_seconds:.0f}s",
-                                                    code=ErrorCode.INFERENCE_TIMEOUT), retry=True)
+            return self._failed(job, self._timeout(), retry=True)
         except TextNLPError as error:
-            return self._failed(job, error, retry=error.retryable)
+            return self._unsuccessful(job, error)
+        written = self.writes.submit(self._finished(job, done)).result()
+        return self._succeeded(job) if written else self._discarded(job)
+
+    # --- group delivery: what a device worker's consumer step drives ----------------------
+    def deliver(self, job_id: uuid.UUID, done: Done) -> None:
+        """Hand in one delivered job without blocking. ``done(outcome)`` is called once the
+        job's outcome is in the ledger, so its message may be acked; ``done(outcome,
+        requeue=True)`` when the ledger could not be reached and the message must come back.
+        Deliveries that arrive together are claimed in one statement and their results written
+        in one, and no thread waits per job: this is what lets one worker process keep a large
+        continuous batch fed (one Celery task thread per job cost about 4 ms of worker CPU each)."""
+        self.intake.submit((job_id, done))
+
+    def drain(self, timeout: float) -> int:
+        """Wait until every delivered job has its outcome (a warm shutdown); returns how many
+        were still running when ``timeout`` ran out."""
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            with self._in_flight_lock:
+                left = len(self._in_flight) + self._claiming
+            if not left:
+                return 0
+            time.sleep(0.05)
+        with self._in_flight_lock:
+            return len(self._in_flight) + self._claiming
+
+    def _start_group(self, deliveries: Sequence[tuple[uuid.UUID, Done]]) -> list[None]:
+        """Claim a group of deliveries in one statement and hand the claimed jobs to the engine."""
+        with self._in_flight_lock:
+            self._claiming += len(deliveries)
+        try:
+            outcomes = self._with_ledger_retries("claim", lambda: self._claim_group([i for i, _ in deliveries]))
+        except Exception:  # the ledger stayed away: the messages come back, nothing was claimed
+            for _, done in deliveries:
+                done("ledger_unavailable", requeue=True)
+            return [None] * len(deliveries)
+        finally:
+            with self._in_flight_lock:
+                self._claiming -= len(deliveries)
+        for (job_id, done), outcome in zip(deliveries, outcomes, strict=True):
+            job = outcome.job
+            if job is None:
+                done(self._not_claimed(job_id, outcome.reason))
+            elif job.model not in self.engine_side.served():
+                done(self._not_served_here(job))
+            else:
+                self._start(job, done)
+        return [None] * len(deliveries)
+
+    def _start(self, job: repo.ClaimedJob, done: Done) -> None:
+        metrics.QUEUE_WAIT.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
+        key = (job.id, job.attempt)
+        with self._in_flight_lock:
+            self._in_flight[key] = (job, done, time.monotonic())
+        try:
+            future = self.engine_side.submit(key, job.model, JobSpec.of(job))
+        except Exception as error:  # refused at once (a prompt over the limit, stopping)
+            future = Future()
+            future.set_exception(error)
+        future.add_done_callback(lambda generated: self.finishing.submit((key, generated)))
+
+    def _finish_group(self, items: Sequence[tuple[Key, Future[BatchedResult]]]) -> list[None]:
+        """Record a group of generations: the successes in one write, the rest one by one."""
+        successes: list[tuple[repo.ClaimedJob, Done, BatchedResult]] = []
+        for key, generated in items:
+            with self._in_flight_lock:
+                entry = self._in_flight.pop(key, None)
+            if entry is None:  # already finished by the timeout sweep
+                continue
+            job, done, _ = entry
+            error = generated.exception()
+            if error is None:
+                successes.append((job, done, generated.result()))
+            else:
+                done(self._recorded(functools.partial(self._unsuccessful, job, as_textnlp(error))))
+        if not successes:
+            return [None] * len(items)
+        try:
+            written = self._with_ledger_retries(
+                "write", lambda: self._write_group([self._finished(job, result) for job, _, result in successes]))
+        except Exception:  # the lease runs out and the reconciler sends the jobs again
+            log.error("results_not_written count=%d", len(successes))
+            for _, done, _ in successes:
+                done("write_failed")
+            return [None] * len(items)
+        for (job, done, _), was_written in zip(successes, written, strict=True):
+            done(self._succeeded(job) if was_written else self._discarded(job))
+        return [None] * len(items)
+
+    def _sweep_overdue(self) -> None:
+        """Fail (for a retry) every job the engine has held longer than the longest allowed job."""
+        while not self._sweeper_stop.wait(min(5.0, self.settings.max_job_seconds / 4)):
+            now = time.monotonic()
+            with self._in_flight_lock:
+                overdue = [(key, entry) for key, entry in self._in_flight.items()
+                           if now - entry[2] > self.settings.max_job_seconds]
+                for key, _ in overdue:
+                    del self._in_flight[key]
+            for _, (job, done, _) in overdue:
+                done(self._recorded(functools.partial(self._failed, job, self._timeout(), retry=True)))
+
+    def _with_ledger_retries(self, what: str, work: Callable[[], R]) -> R:
+        """``work()``, tried again while the ledger is briefly away (a PostgreSQL restart)."""
+        delay = 0.2
+        for attempt in range(1, 8):
+            try:
+                return work()
+            except Exception as error:
+                if attempt == 7:
+                    raise
+                log.warning("ledger_retry what=%s attempt=%d error=%s", what, attempt, type(error).__name__)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _recorded(record: Callable[[], str]) -> str:
+        try:
+            return record()
+        except Exception:  # the ledger is away: the lease runs out and the reconciler retries
+            log.exception("outcome_not_recorded")
+            return "not_recorded"
+
+    # --- one job's outcome -------------------------------------------------------------------
+    def _timeout(self) -> InferenceError:
+        return InferenceError(f"no result within {self.settings.max_job_seconds:.0f}s",
+                              code=ErrorCode.INFERENCE_TIMEOUT)
+
+    def _not_claimed(self, job_id: uuid.UUID, reason: str) -> str:
+        log.info("job_not_run job=%s reason=%s", job_id, reason)
+        metrics.JOBS_DROPPED.labels("unknown", reason).inc()
+        return reason
+
+    def _unsuccessful(self, job: repo.ClaimedJob, error: TextNLPError) -> str:
+        if isinstance(error, JobDroppedError):
+            return self._dropped(job)
+        if isinstance(error, WorkerShuttingDownError):
+            return self._give_back(job)
+        return self._failed(job, error, retry=error.retryable)
+
+    def _finished(self, job: repo.ClaimedJob, done: BatchedResult) -> repo.Finished:
         result = done.result
-        written = self.writes.submit(repo.Finished(job.id, job.attempt, repo.Outcome(
+        return repo.Finished(job.id, job.attempt, repo.Outcome(
             text=result.text, tokens_generated=result.tokens_generated, mean_logprob=result.mean_logprob,
             model_version=done.model_version, batch_size=done.batch_size,
             queue_wait_seconds=(utcnow() - job.created_at).total_seconds() - done.inference_seconds,
             inference_seconds=done.inference_seconds,
-        ))).result()
-        if not written:  # cancelled meanwhile, or the lease went to another attempt
-            log.info("result_discarded job=%s attempt=%d", job.id, job.attempt)
-            return "discarded"
+        ))
+
+    def _succeeded(self, job: repo.ClaimedJob) -> str:
         metrics.JOBS_FINISHED.labels(job.model, "succeeded").inc()
         metrics.JOB_LATENCY.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
         return "succeeded"
+
+    @staticmethod
+    def _discarded(job: repo.ClaimedJob) -> str:
+        """Cancelled meanwhile, or the lease went to another attempt: nothing written."""
+        log.info("result_discarded job=%s attempt=%d", job.id, job.attempt)
+        return "discarded"
 
     def _claim_group(self, ids: Sequence[uuid.UUID]) -> list[repo.ClaimOutcome]:
         with self.sessions.begin() as session:
