@@ -21,6 +21,8 @@ from kombu.utils.encoding import bytes_to_str
 from textnlp_jobs.dead_letter import dead_letter
 
 TRANSPORT = "textnlp_jobs.broker_transport:Transport"
+# The most messages one extra pop takes (never more than the consumer's free prefetch slots).
+BULK_POP_MAX = 128
 
 
 def envelope_problem(payload: Any) -> str | None:
@@ -53,6 +55,7 @@ class Channel(kombu_redis.Channel):
     """A Redis channel that never delivers an item it cannot turn into a message."""
 
     _shared_client: Any = None
+    _bulk_pop = True
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """One client for the channel's synchronous work, not a new one per call: kombu builds a
@@ -94,18 +97,43 @@ class Channel(kombu_redis.Channel):
                 raise
             if not dest__item:
                 raise Empty()
-            dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            key, item = dest__item
+            key = bytes_to_str(key)
+            dest = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             payload = self._checked(item, dest)
             if payload is not None:
                 self.connection._deliver(payload, dest)
+            self._pop_more(key, dest)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
+
+    def _pop_more(self, key: str, queue: str) -> None:
+        """After a blocking pop delivered one message, take up to the free prefetch slots more
+        from the same list in one ``RPOP key count``: a device worker whose queue holds hundreds
+        of jobs receives them in a few round trips, not one event-loop turn each. Only on a
+        channel with a prefetch limit (a consumer that asked for a bounded number in flight)."""
+        if not self.qos.prefetch_count or not self._bulk_pop:
+            return
+        room = min(BULK_POP_MAX, self.qos.can_consume_max_estimate() or 0)
+        if room <= 0:
+            return
+        if self.global_keyprefix and key.startswith(self.global_keyprefix):
+            key = key[len(self.global_keyprefix):]  # the client adds it again
+        try:
+            with self.conn_or_acquire() as client:
+                items = client.rpop(key, room)
+        except self.ResponseError:  # a Redis before 6.2 has no count argument: one per pop, as kombu
+            self._bulk_pop = False
+            return
+        for item in items or ():
+            payload = self._checked(item, queue)
+            if payload is not None:
+                self.connection._deliver(payload, queue)
 
     def _get(self, queue: str, timeout: Any = None) -> Any:
         with self.conn_or_acquire() as client:
