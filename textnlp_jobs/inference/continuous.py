@@ -158,6 +158,12 @@ class ContinuousBatcher(DeviceLoop):
         free: dict[str, int] = {}
         taken: list[PendingJob] = []
         left: deque[PendingJob] = deque()
+        waiting: dict[str, int] = {}
+        oldest: dict[str, float] = {}
+        for pending in self._pending:
+            waiting[pending.model] = waiting.get(pending.model, 0) + 1
+            oldest.setdefault(pending.model, pending.arrived)
+        now = time.monotonic()
         for pending in self._pending:
             if pending.model not in free:
                 running = self._running.get(pending.model)
@@ -175,9 +181,16 @@ class ContinuousBatcher(DeviceLoop):
                     limit = min(limit, running.cap)
                 rows = len(running.jobs) if running else 0
                 free[pending.model] = limit - rows
-                # A prefill and a cache merge cost about a step each: a well-filled batch takes
-                # newcomers in groups (an eighth of its rows) rather than one per step.
-                if rows * 2 >= limit and free[pending.model] < max(1, limit // 8):
+                # A prefill and a cache merge cost about a step each, so a running batch takes
+                # newcomers in groups of an eighth of its rows, not a few per step: it waits for
+                # that many free rows, and for that many newcomers or for the oldest of them to
+                # have waited max_wait_ms. (Admitting every arrival at once while jobs streamed in
+                # from the broker doubled each job's time in the batch on an H200.)
+                group = max(1, limit // 8)
+                policy = self.policy_for(pending.model)
+                if rows and (free[pending.model] < group or (
+                        waiting[pending.model] < group
+                        and now - oldest[pending.model] < policy.max_wait_ms / 1000.0)):
                     free[pending.model] = 0
             if free[pending.model] > 0:
                 free[pending.model] -= 1

@@ -16,8 +16,9 @@ If the child dies, every job waiting on it fails with ``WorkerShuttingDownError`
 the job back to the queue) and ``crashed`` is set, so the worker exits non-zero and is restarted.
 
 Metrics recorded in the child (batch sizes, inference durations, tokens/s, memory, last batch
-time) are pushed by the child under the worker's own ``instance`` with ``process="engine"`` added
-to the grouping key, so dashboards that aggregate ``by (instance)`` see one device.
+time: ``ENGINE_METRICS``) travel to the worker as snapshots beside the results (at most every
+50 ms, and once a second), and the worker serves them from ``EngineMetricsRelay`` in place of its
+own empty copies: one process pushes one pushgateway group and serves one ``/metrics``, as before.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -38,8 +40,45 @@ from textnlp_jobs import errors
 from textnlp_jobs.errors import InferenceError, TextNLPError, WorkerShuttingDownError
 from textnlp_jobs.inference.batcher import BatchedResult
 from textnlp_jobs.inference.engine_side import JobSpec
+from textnlp_jobs.metrics import registry as metrics
 
 log = logging.getLogger(__name__)
+
+# What the engine process records; the worker relays its snapshots (see the module docstring).
+ENGINE_METRICS: tuple[Any, ...] = (metrics.INFERENCE_DURATION, metrics.TOKENS_PER_SECOND, metrics.MEMORY_USAGE,
+                                   metrics.BATCH_SIZE, metrics.WORKER_LAST_BATCH, metrics.DEVICE_MEMORY_TOTAL)
+SNAPSHOT_EVERY = 0.05  # seconds, at most, between two snapshots sent with results
+SNAPSHOT_AT_LEAST = 1.0  # seconds between two snapshots when no result goes out
+
+
+def engine_snapshot() -> list[Any]:
+    """The engine metrics' families as this process holds them (picklable)."""
+    return [family for metric in ENGINE_METRICS for family in metric.collect()]
+
+
+class EngineMetricsRelay:
+    """A collector in the worker's registry that serves the engine process's latest snapshot."""
+
+    def __init__(self) -> None:
+        self._families: list[Any] = []
+
+    def update(self, families: list[Any]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Any]:
+        return list(self._families)
+
+    def describe(self) -> list[Any]:
+        return []  # the names belong to the metrics this relay replaces (unregistered first)
+
+    def install(self) -> None:
+        """Stand in for this process's own (unused) copies of the engine metrics."""
+        for metric in ENGINE_METRICS:
+            try:
+                metrics.REGISTRY.unregister(metric)
+            except KeyError:  # already replaced (a second engine process in tests)
+                pass
+        metrics.REGISTRY.register(self)
 
 # Wire format. Parent -> child: ("jobs", [(key, model, spec), ...]) or ("stop",).
 # Child -> parent: ("ready", {"mode": ...}), ("failed", error), ("results", [(key, result|None, error|None), ...]).
@@ -87,11 +126,13 @@ class _Outbox:
             self._closed = True
             self._changed.notify_all()
 
-    def take_all(self) -> list[Any] | None:
-        """Everything handed in so far (waiting for at least one); None once closed and empty."""
+    def take_all(self, timeout: float | None = None) -> list[Any] | None:
+        """Everything handed in so far, waiting for at least one (an empty list after ``timeout``);
+        None once closed and empty."""
         with self._changed:
             while not self._items and not self._closed:
-                self._changed.wait()
+                if not self._changed.wait(timeout) and timeout is not None:
+                    return []
             if not self._items:
                 return None
             items = list(self._items)
@@ -119,6 +160,7 @@ class RemoteEngineSide:
         self._process: Any = None
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self.relay = EngineMetricsRelay()
 
     def served(self) -> frozenset[str]:
         return self._names
@@ -153,6 +195,7 @@ class RemoteEngineSide:
             self._process.join(10)
             raise error_from(message[1])
         self.mode = message[1]["mode"]
+        self.relay.install()
         self._names = frozenset(parse_reference(r)[0] for r in self.references)
         self._threads = [threading.Thread(target=self._send_loop, name=f"engine-send-{self.device}", daemon=True),
                          threading.Thread(target=self._receive_loop, name=f"engine-recv-{self.device}", daemon=True)]
@@ -206,6 +249,9 @@ class RemoteEngineSide:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
+            if message[0] == "metrics":
+                self.relay.update(message[1])
+                continue
             if message[0] != "results":
                 continue
             for key, result, error in message[1]:
@@ -253,11 +299,8 @@ def serve(conn: Connection, device: str, references: list[str], torch_threads: i
         conn.close()
         sys.exit(1)
     from textnlp_jobs.devices import Device
-    from textnlp_jobs.metrics.push import DEVICE_WORKER_JOB, start_worker_metrics, stop_worker_metrics
 
-    dev = Device.parse(device, settings.node_name)
-    start_worker_metrics(settings, DEVICE_WORKER_JOB, dev.local, device=dev.local, process="engine",
-                         on_celery_shutdown=False)
+    metrics.worker_started(Device.parse(device, settings.node_name).local)  # labels the last-batch time
     results = _Outbox()
     sender = threading.Thread(target=_send_results, args=(conn, results), name="engine-results", daemon=True)
     sender.start()
@@ -282,7 +325,6 @@ def serve(conn: Connection, device: str, references: list[str], torch_threads: i
                 continue
             future.add_done_callback(lambda done, key=key: finished(key, done))
     side.stop()  # fails what still runs or waits with WorkerShuttingDownError, through `finished`
-    stop_worker_metrics()
     results.close()
     sender.join(30)
     conn.close()
@@ -301,11 +343,19 @@ def _load(settings: Any, device: str, references: list[str], torch_threads: int 
 
 
 def _send_results(conn: Connection, results: _Outbox) -> None:
+    """Send results as they finish, with a metrics snapshot at most every ``SNAPSHOT_EVERY``
+    seconds, and at least every ``SNAPSHOT_AT_LEAST`` (``results.ping`` wakes it)."""
+    last_snapshot = 0.0
     while True:
-        batch = results.take_all()
-        if batch is None:
-            return
+        batch = results.take_all(timeout=SNAPSHOT_AT_LEAST)
         try:
-            conn.send(("results", batch))
+            if batch:
+                conn.send(("results", batch))
+            now = time.monotonic()
+            if batch is None or now - last_snapshot >= SNAPSHOT_EVERY:
+                conn.send(("metrics", engine_snapshot()))
+                last_snapshot = now
         except (OSError, ValueError):  # the worker is gone
             os._exit(0)
+        if batch is None:
+            return

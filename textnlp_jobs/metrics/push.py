@@ -41,11 +41,10 @@ class Pusher:
     """Pushes ``registry`` to one pushgateway group on a background thread."""
 
     def __init__(self, url: str, job: str, instance: str, *, interval: float, timeout: float,
-                 registry: CollectorRegistry = REGISTRY, process: str | None = None) -> None:
+                 registry: CollectorRegistry = REGISTRY) -> None:
         self.url = url
         self.job = job
-        # A device worker's engine process pushes beside it: same instance, its own group.
-        self.grouping_key = {"instance": instance, **({"process": process} if process else {})}
+        self.grouping_key = {"instance": instance}
         self.interval = interval
         self.timeout = timeout
         self.registry = registry
@@ -108,27 +107,20 @@ _process_pusher: Pusher | None = None
 _served_port: int | None = None
 
 
-def start_worker_metrics(settings: Settings, job: str, role: str, *, device: str | None = None,
-                         process: str | None = None, on_celery_shutdown: bool = True) -> Pusher | None:
+def start_worker_metrics(settings: Settings, job: str, role: str, *, device: str | None = None) -> Pusher | None:
     """Called once by a worker process: mark the device up, serve ``/metrics`` if a port is set,
-    start the pusher if a pushgateway is set, and delete the group on Celery's worker_shutdown
-    (``on_celery_shutdown``; a process without Celery calls ``stop_worker_metrics`` itself).
-    ``process`` names a second process of the same worker (the engine process), which pushes to
-    its own group under the same instance and serves no ``/metrics`` port (the worker's has it)."""
+    start the pusher if a pushgateway is set, and delete the group on Celery's worker_shutdown."""
     global _process_pusher, _served_port
     if device is not None:
         worker_started(device)
-    if settings.metrics_port is not None and _served_port is None and process is None:
+    if settings.metrics_port is not None and _served_port is None:
         start_http_server(settings.metrics_port, registry=REGISTRY)
         _served_port = settings.metrics_port
         log.info("metrics_served port=%d", settings.metrics_port)
     if not settings.pushgateway_url or _process_pusher is not None:
         return _process_pusher
     _process_pusher = Pusher(settings.pushgateway_url, job, instance_name(settings.node_name, role),
-                             interval=settings.push_interval_seconds, timeout=settings.push_timeout_seconds,
-                             process=process).start()
-    if not on_celery_shutdown:
-        return _process_pusher
+                             interval=settings.push_interval_seconds, timeout=settings.push_timeout_seconds).start()
     from celery.signals import worker_shutdown
 
     worker_shutdown.connect(_on_worker_shutdown, weak=False)

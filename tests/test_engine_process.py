@@ -1,0 +1,140 @@
+"""The device worker's two halves: the engine process and the consumer step that feeds it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from textnlp_jobs.client import Client
+from textnlp_jobs.db.models import DeviceWorker
+from textnlp_jobs.errors import (
+    ErrorCode,
+    InputError,
+    JobDroppedError,
+    OutOfMemoryError,
+    TextNLPError,
+    WorkerShuttingDownError,
+)
+from textnlp_jobs.generation_consumer import job_id_of
+from textnlp_jobs.inference.engine_process import error_from, error_payload
+from textnlp_jobs.local_stack import LocalStack
+from workers.device import worker_hostname
+
+from .conftest import TEST_NODE
+from .helpers import assert_each_succeeded_exactly_once, job_specs, statuses, wait_until_final
+
+JOB = str(uuid.uuid4())
+
+
+def generate_headers(**extra: object) -> dict[str, object]:
+    return {"task": "textnlp.generate", "id": JOB, **extra}
+
+
+@pytest.mark.parametrize(("headers", "body", "reason"), [
+    (generate_headers(), [[JOB], {}, {}], ""),
+    ({"task": "no.such.task", "id": JOB}, [[JOB], {}, {}], "unknown_task"),
+    (None, [[JOB], {}, {}], "unknown_task"),
+    ({"task": "textnlp.generate"}, [[JOB], {}, {}], "malformed_task_message"),
+    (generate_headers(), "not a list", "malformed_task_message"),
+    (generate_headers(), [[], {}, {}], "bad_arguments"),
+    (generate_headers(), [[JOB, JOB], {}, {}], "bad_arguments"),
+    (generate_headers(), [[JOB], {"x": 1}, {}], "bad_arguments"),
+    (generate_headers(), [["../../etc/passwd"], {}, {}], "bad_arguments"),
+    (generate_headers(), [[42], {}, {}], "bad_arguments"),
+])
+def test_only_a_generate_call_with_one_job_id_is_a_job(headers: object, body: object, reason: str) -> None:
+    job_id, why = job_id_of(headers, body)
+    assert why == reason
+    assert (job_id == uuid.UUID(JOB)) if not reason else job_id is None
+
+
+@pytest.mark.parametrize("error", [
+    JobDroppedError("cancelled"), WorkerShuttingDownError("stopping"), OutOfMemoryError("too big"),
+])
+def test_an_error_from_the_engine_process_keeps_its_class_code_and_message(error: TextNLPError) -> None:
+    rebuilt = error_from(error_payload(error))
+    assert type(rebuilt) is type(error)
+    assert (rebuilt.code, rebuilt.message, rebuilt.retryable) == (error.code, error.message, error.retryable)
+
+
+def test_an_error_whose_class_takes_other_arguments_keeps_its_code_message_and_retryability() -> None:
+    error = InputError("prompt", "is 2000 tokens, over the limit of 1024 tokens",
+                       code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
+    rebuilt = error_from(error_payload(error))
+    assert isinstance(rebuilt, TextNLPError)
+    assert (rebuilt.code, rebuilt.message, rebuilt.retryable) == (error.code, error.message, False)
+    anything = error_from(error_payload(ValueError("boom")))
+    assert anything.code == ErrorCode.INFERENCE_FAILED and "ValueError: boom" in anything.message
+
+
+def engine_pid(worker_pid: int) -> int:
+    """The worker's child that runs its models (a multiprocessing spawn)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == worker_pid and b"spawn_main" in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError(f"no engine process under worker {worker_pid}")
+
+
+def worker_pid(client: Client) -> int:
+    with client.sessions() as session:
+        row = session.execute(select(DeviceWorker).where(DeviceWorker.name == f"{TEST_NODE}/cpu.0")).scalar_one()
+    return int(row.pid)
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie not yet reaped by its parent counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_killed_engine_process_stops_its_worker_non_zero_and_loses_no_job(stack: LocalStack) -> None:
+    settings = stack.settings()
+    worker = stack.device_worker("cpu.0").start()
+    stack.wait_ready(worker_hostname(settings, "cpu.0"))
+    client = Client(settings)
+    engine = engine_pid(worker_pid(client))
+    ids = [job.id for job in client.submit_many(job_specs(60, max_new_tokens=24))]
+    while statuses(client, ids).get("succeeded", 0) < 10:
+        assert worker.alive, worker.log_tail()
+        time.sleep(0.05)
+    os.kill(engine, signal.SIGKILL)
+    assert worker.process is not None
+    status = worker.process.wait(timeout=120)
+    assert status != 0, worker.log_tail()
+    assert "engine_process_died" in worker.log_tail(200)
+    assert gone(engine)
+    # A replacement worker (what the supervisor starts) finishes every job, each written once.
+    replacement = stack.device_worker("cpu.0").start()
+    stack.wait_ready(worker_hostname(settings, "cpu.0"))
+    final = wait_until_final(client, ids, timeout=240, reconcile_every=5)
+    assert_each_succeeded_exactly_once(client, ids, final, replacement.log_tail())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_sigkilled_worker_leaves_no_engine_process_behind(stack: LocalStack) -> None:
+    settings = stack.settings()
+    worker = stack.device_worker("cpu.0").start()
+    stack.wait_ready(worker_hostname(settings, "cpu.0"))
+    pid = worker_pid(Client(settings))
+    engine = engine_pid(pid)
+    os.kill(pid, signal.SIGKILL)
+    give_up = time.monotonic() + 30
+    while not gone(engine):
+        assert time.monotonic() < give_up, worker.log_tail()
+        time.sleep(0.1)
