@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     # Per-model batching, e.g. {"small": {"max_batch": 32, "max_wait_ms": 50}}; "*" is the default.
     batching: dict[str, BatchingPolicy] = Field(default_factory=lambda: {"*": BatchingPolicy()})
 
-    # Task threads per device worker; None means two per batch slot (2 x the largest max_batch).
+    # Jobs in flight per device worker (its prefetch); None means two per batch slot (2 x the largest max_batch).
     worker_concurrency: int | None = Field(None, ge=1, le=1024)
     # A device worker runs its models and batching loop in a child process (inference/engine_process.py),
     # so Celery, ledger and broker work never holds the GIL its decode loop needs. False: one process.

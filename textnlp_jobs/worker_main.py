@@ -7,14 +7,13 @@ workers without anything from the repository:
     python -m textnlp_jobs.worker_main device --device cuda.0
     python -m textnlp_jobs.worker_main maintenance
 
-A device worker sets ``CUDA_VISIBLE_DEVICES`` before torch is imported, so the process sees only
-its own GPU (as ``cuda:0``). The pool is ``threads``: each thread carries one job into the
-device's single batching loop. There are two threads per batch slot (2 x the largest
-``max_batch`` of the models placed here) so the next batch gathers while one runs: with only
-``max_batch`` threads every thread is parked in the running batch, the device idles while they
-write and fetch, and batches come out half full (measured in bench/: 0.59 of direct generate at
-B=32 against 0.9 with two). Models are loaded and warmed up before the worker consumes its first
-message.
+A device worker sets ``CUDA_VISIBLE_DEVICES`` before torch is imported, so the process (and its
+engine process, which inherits the environment) sees only its own GPU (as ``cuda:0``). The models
+and the batching loop run in the engine process (``inference/engine_process.py``); the worker
+consumes its generation queues with a consumer step (``generation_consumer.py``) that keeps up to
+two jobs per batch slot in flight (2 x the largest ``max_batch`` of the models placed here), so
+newcomers wait beside the running batch. Celery's own pool only serves a queue of the worker's
+own (two threads). Models are loaded and warmed up before the worker consumes its first message.
 """
 
 from __future__ import annotations
@@ -120,18 +119,18 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     try:
         engine_side = make_engine_side(settings, factory, dev, references, torch_threads, loglevel)
         queues = [generation_queue(m) for m in names] + [dev.queue]
-        threads = (concurrency or settings.worker_concurrency
-                   or 2 * max(settings.batching_for(m).max_batch for m in names))
+        in_flight = (concurrency or settings.worker_concurrency
+                     or 2 * max(settings.batching_for(m).max_batch for m in names))
         runtime = DeviceRuntime(settings, factory, engine_side, worker_name=dev.name, republish=republish)
         runtime.start()  # the models load (in the engine process) and warm up before consuming
         generation.install_runtime(runtime)
         # The generation queues are consumed by a consumer step in groups (generation_consumer.py);
         # Celery's own task consumer only watches a queue of its own.
-        generation_consumer.install(app, runtime, queues, prefetch=threads, drain_seconds=settings.max_job_seconds)
+        generation_consumer.install(app, runtime, queues, prefetch=in_flight, drain_seconds=settings.max_job_seconds)
         start_worker_metrics(settings, DEVICE_WORKER_JOB, dev.local, device=dev.local)
         announce_device(settings, dev.local, dev.hostname)
-        log.info("device_worker_starting device=%s models=%s queues=%s threads=%d cuda_visible_devices=%s "
-                 "torch_device=%s", dev, names, queues, threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
+        log.info("device_worker_starting device=%s models=%s queues=%s in_flight=%d cuda_visible_devices=%s "
+                 "torch_device=%s", dev, names, queues, in_flight, os.environ.get("CUDA_VISIBLE_DEVICES"),
                  dev.torch_device)
         try:
             # app.start returns Celery's exit status (worker_main would drop it): a worker that
@@ -212,7 +211,7 @@ def device_main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One Celery worker for one device.")
     parser.add_argument("--device", required=True, help="cuda.N or cpu.N")
     parser.add_argument("--models", default=None, help="comma-separated; default: the placement setting")
-    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--concurrency", type=int, default=None, help="jobs in flight; default 2 x max_batch")
     parser.add_argument("--loglevel", default=os.environ.get("TEXTNLP_LOGLEVEL", "INFO"))
     parser.add_argument("--torch-threads", type=int, default=None)
     args = parser.parse_args(argv)
