@@ -68,7 +68,7 @@ def dead_letter(message_body: Any, reason: str, *, connection: Connection, sourc
     log.error("message_dead_lettered reason=%s source_queue=%s detail=%s", reason, source_queue, detail[:200])
 
 
-def _envelope(message: Any) -> Any:
+def received_envelope(message: Any) -> Any:
     """The message as it arrived, for the record (kombu keeps the transport's raw payload)."""
     raw = getattr(message, "_raw", None)
     if raw is not None:
@@ -77,21 +77,29 @@ def _envelope(message: Any) -> Any:
             "properties": getattr(message, "properties", None)}
 
 
+def dead_letter_message(app: Any, message: Any, reason: str, detail: str = "") -> None:
+    """Dead-letter a delivered kombu ``message`` and ack it. If the broker fails too, the message
+    stays unacked and comes back."""
+    delivery = getattr(message, "delivery_info", None) or {}
+    queue = delivery.get("routing_key") if isinstance(delivery, dict) else None
+    try:
+        with app.connection_for_write() as connection:
+            dead_letter(received_envelope(message), reason, connection=connection, source_queue=queue, detail=detail)
+    except Exception:
+        log.exception("dead_letter_failed reason=%s source_queue=%s", reason, queue)
+        return
+    try:
+        message.ack()
+    except Exception:  # the connection went meanwhile: the message comes back and is checked again
+        log.warning("dead_lettered_message_not_acked reason=%s source_queue=%s", reason, queue)
+
+
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer with every "cannot use this message" path sending the message to the
     dead-letter queue and acking it, instead of rejecting (dropping) it or crashing the worker."""
 
     def _dead_letter(self, message: Any, reason: str, exc: BaseException | None = None) -> None:
-        delivery = getattr(message, "delivery_info", None) or {}
-        queue = delivery.get("routing_key") if isinstance(delivery, dict) else None
-        detail = f"{type(exc).__name__}: {exc}" if exc is not None else ""
-        try:
-            with self.app.connection_for_write() as connection:
-                dead_letter(_envelope(message), reason, connection=connection, source_queue=queue, detail=detail)
-        except Exception:  # the broker is failing too: leave the message unacked, it comes back
-            log.exception("dead_letter_failed reason=%s source_queue=%s", reason, queue)
-            return
-        message.ack_log_error(log, self.connection_errors)
+        dead_letter_message(self.app, message, reason, f"{type(exc).__name__}: {exc}" if exc is not None else "")
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         self._dead_letter(message, "undecodable_body", exc)

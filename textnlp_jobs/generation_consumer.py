@@ -34,7 +34,7 @@ from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer
 
 from textnlp_jobs.constants import GENERATE_TASK
-from textnlp_jobs.dead_letter import _envelope, dead_letter
+from textnlp_jobs.dead_letter import dead_letter_message
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +177,7 @@ class GenerationStep(bootsteps.ConsumerStep):  # type: ignore[misc]
         self._dead_letter(message, "undecodable_body", f"{type(exc).__name__}: {exc}")
 
     def _dead_letter(self, message: Any, reason: str, detail: str = "") -> None:
-        queue = (message.delivery_info or {}).get("routing_key")
-        try:
-            with self.consumer.app.connection_for_write() as connection:
-                dead_letter(_envelope(message), reason, connection=connection, source_queue=queue, detail=detail)
-        except Exception:  # the broker is failing too: leave the message unacked, it comes back
-            log.exception("dead_letter_failed reason=%s source_queue=%s", reason, queue)
-            return
-        message.ack()
+        dead_letter_message(self.consumer.app, message, reason, detail)
 
     def _event(self, kind: str, **fields: Any) -> None:
         dispatcher = getattr(self.consumer, "event_dispatcher", None)

@@ -52,7 +52,7 @@ def worker(
     all_devices: Annotated[bool, typer.Option("--all-devices", help="One worker per visible GPU (or cpu.0).")] = False,
     maintenance: Annotated[bool, typer.Option("--maintenance", help="The maintenance worker instead.")] = False,
     models: Annotated[str | None, typer.Option(help="Comma-separated models; default: placement.")] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs in flight per device worker; default: 2 x max_batch.")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs in flight; default: 2 x max_batch.")] = None,
     loglevel: Annotated[str, typer.Option(envvar="TEXTNLP_LOGLEVEL")] = "INFO",
 ) -> None:
     """Start a device worker (one Celery worker per GPU), all of them, or the maintenance worker.

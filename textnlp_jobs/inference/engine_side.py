@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.devices import Device
-from textnlp_jobs.errors import ErrorCode, InferenceError, InputError
+from textnlp_jobs.errors import ErrorCode, InputError
 from textnlp_jobs.inference import store
 from textnlp_jobs.inference.batcher import BatchedResult, MicroBatcher, PendingJob
 from textnlp_jobs.inference.continuous import ContinuousBatcher
@@ -207,13 +207,3 @@ class LocalEngineSide:
             gone = repo.cancelled_or_overdue(session, [p.job_id for p in batch])
         return {p.job_id for p in batch if p.job_id[0] in gone}
 
-
-def submit_or_fail(side: EngineSide, key: Any, model: str, spec: JobSpec,
-                   on_error: Callable[[BaseException], None]) -> Future[BatchedResult] | None:
-    """``side.submit``, handing a synchronous refusal (bad prompt, unknown model) to ``on_error``."""
-    try:
-        return side.submit(key, model, spec)
-    except Exception as error:  # the caller reports it like a failed generation
-        on_error(error if isinstance(error, InferenceError | InputError) else
-                 InferenceError(f"could not submit: {type(error).__name__}: {error}"))
-        return None
