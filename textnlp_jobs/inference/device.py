@@ -134,6 +134,8 @@ class DeviceRuntime:
         Deliveries that arrive together are claimed in one statement and their results written
         in one, and no thread waits per job: this is what lets one worker process keep a large
         continuous batch fed (one Celery task thread per job cost about 4 ms of worker CPU each)."""
+        with self._in_flight_lock:  # counted from now, so a warm shutdown's drain waits for it
+            self._claiming += 1
         self.intake.submit((job_id, done))
 
     def drain(self, timeout: float) -> int:
@@ -151,26 +153,32 @@ class DeviceRuntime:
 
     def _start_group(self, deliveries: Sequence[tuple[uuid.UUID, Done]]) -> list[None]:
         """Claim a group of deliveries in one statement and hand the claimed jobs to the engine."""
-        with self._in_flight_lock:
-            self._claiming += len(deliveries)
+        try:
+            self._claim_and_start(deliveries)
+        finally:  # each one is now in flight or has its outcome
+            with self._in_flight_lock:
+                self._claiming -= len(deliveries)
+        return [None] * len(deliveries)
+
+    def _claim_and_start(self, deliveries: Sequence[tuple[uuid.UUID, Done]]) -> None:
         try:
             outcomes = self._with_ledger_retries("claim", lambda: self._claim_group([i for i, _ in deliveries]))
         except Exception:  # the ledger stayed away: the messages come back, nothing was claimed
             for _, done in deliveries:
                 done("ledger_unavailable", requeue=True)
-            return [None] * len(deliveries)
-        finally:
-            with self._in_flight_lock:
-                self._claiming -= len(deliveries)
+            return
         for (job_id, done), outcome in zip(deliveries, outcomes, strict=True):
             job = outcome.job
-            if job is None:
-                done(self._not_claimed(job_id, outcome.reason))
-            elif job.model not in self.engine_side.served():
-                done(self._not_served_here(job))
-            else:
-                self._start(job, done)
-        return [None] * len(deliveries)
+            try:
+                if job is None:
+                    done(self._not_claimed(job_id, outcome.reason))
+                elif job.model not in self.engine_side.served():
+                    done(self._not_served_here(job))
+                else:
+                    self._start(job, done)
+            except Exception:  # this job only; its message comes back (its lease covers the row)
+                log.exception("delivery_failed job=%s", job_id)
+                done("delivery_failed", requeue=True)
 
     def _start(self, job: repo.ClaimedJob, done: Done) -> None:
         metrics.QUEUE_WAIT.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
