@@ -23,7 +23,7 @@ from textnlp_jobs.errors import (
 )
 from textnlp_jobs.generation_consumer import job_id_of
 from textnlp_jobs.inference.engine_process import error_from, error_payload
-from textnlp_jobs.local_stack import LocalStack
+from textnlp_jobs.local_stack import LocalStack, WorkerProcess
 from workers.device import worker_hostname
 
 from .conftest import TEST_NODE
@@ -100,13 +100,17 @@ def gone(pid: int) -> bool:
         return True
 
 
+def ready_worker(stack: LocalStack) -> WorkerProcess:
+    worker = stack.device_worker("cpu.0").start()
+    stack.wait_ready(worker_hostname(stack.settings(), "cpu.0"))
+    return worker
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_killed_engine_process_stops_its_worker_non_zero_and_loses_no_job(stack: LocalStack) -> None:
-    settings = stack.settings()
-    worker = stack.device_worker("cpu.0").start()
-    stack.wait_ready(worker_hostname(settings, "cpu.0"))
-    client = Client(settings)
+    worker = ready_worker(stack)
+    client = Client(stack.settings())
     engine = engine_pid(worker_pid(client))
     ids = [job.id for job in client.submit_many(job_specs(60, max_new_tokens=24))]
     while statuses(client, ids).get("succeeded", 0) < 10:
@@ -119,8 +123,7 @@ def test_a_killed_engine_process_stops_its_worker_non_zero_and_loses_no_job(stac
     assert "engine_process_died" in worker.log_tail(200)
     assert gone(engine)
     # A replacement worker (what the supervisor starts) finishes every job, each written once.
-    replacement = stack.device_worker("cpu.0").start()
-    stack.wait_ready(worker_hostname(settings, "cpu.0"))
+    replacement = ready_worker(stack)
     final = wait_until_final(client, ids, timeout=240, reconcile_every=5)
     assert_each_succeeded_exactly_once(client, ids, final, replacement.log_tail())
 
@@ -128,10 +131,8 @@ def test_a_killed_engine_process_stops_its_worker_non_zero_and_loses_no_job(stac
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_sigkilled_worker_leaves_no_engine_process_behind(stack: LocalStack) -> None:
-    settings = stack.settings()
-    worker = stack.device_worker("cpu.0").start()
-    stack.wait_ready(worker_hostname(settings, "cpu.0"))
-    pid = worker_pid(Client(settings))
+    worker = ready_worker(stack)
+    pid = worker_pid(Client(stack.settings()))
     engine = engine_pid(pid)
     os.kill(pid, signal.SIGKILL)
     give_up = time.monotonic() + 30

@@ -48,6 +48,16 @@ def control_queue(device_queue: str) -> str:
     return f"{device_queue}.celery"
 
 
+def job_id_from_args(args: Any, kwargs: Any) -> uuid.UUID | None:
+    """The job id of a ``textnlp.generate`` call: exactly one positional job id, no keywords."""
+    if kwargs or not isinstance(args, list | tuple) or len(args) != 1 or not isinstance(args[0], str):
+        return None
+    try:
+        return uuid.UUID(args[0])
+    except ValueError:
+        return None
+
+
 def job_id_of(headers: Any, body: Any) -> tuple[uuid.UUID | None, str]:
     """The job id a ``textnlp.generate`` message carries, or None and why it is not one."""
     if not isinstance(headers, dict) or headers.get("task") != GENERATE_TASK:
@@ -56,13 +66,8 @@ def job_id_of(headers: Any, body: Any) -> tuple[uuid.UUID | None, str]:
         return None, "malformed_task_message"
     if not (isinstance(body, list | tuple) and len(body) >= 2 and isinstance(body[0], list | tuple)):
         return None, "malformed_task_message"
-    args, kwargs = body[0], body[1]
-    if kwargs or len(args) != 1 or not isinstance(args[0], str):
-        return None, "bad_arguments"
-    try:
-        return uuid.UUID(args[0]), ""
-    except ValueError:
-        return None, "bad_arguments"
+    job_id = job_id_from_args(body[0], body[1])
+    return (job_id, "") if job_id is not None else (None, "bad_arguments")
 
 
 def install(app: Any, runtime: Any, queues: list[str], *, prefetch: int, drain_seconds: float) -> None:

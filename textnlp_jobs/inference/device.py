@@ -1,12 +1,12 @@
 """The system half of one device worker: the life of one job around the engine side.
 
-``DeviceRuntime.run_job`` is what a Celery task thread calls: claim the row, hand the job to the
-device's engine side (``engine_side``: in a child process by default, in this process for tests
-with stub engines), wait for its own result, write it exactly once. Claims and result writes are
-group-committed (``groups.GroupRunner``): the task threads that wait at the same time share one
-claim statement and one write statement, and each thread returns (so Celery acks its message)
-only after its row is written. It knows nothing of Celery; the task module is a thin shell
-around it.
+``DeviceRuntime.deliver`` is what the worker's consumer step calls for each message: claim the
+row, hand the job to the device's engine side (``engine_side``: in a child process by default,
+in this process for tests with stub engines), and write its result exactly once. Claims and
+result writes are group-committed (``groups.GroupRunner``): deliveries that arrive together share
+one claim statement, results that finish together one write statement, and each message is acked
+(``done``) only after its row is written. ``run_job`` is the same with a wait, for a Celery task
+thread. It knows nothing of Celery.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -70,9 +69,7 @@ class DeviceRuntime:
         # engine process (engine_process.RemoteEngineSide).
         self.engine_side: EngineSide = (LocalEngineSide(settings, factory, engines, name=worker_name)
                                         if isinstance(engines, dict) else engines)
-        self.claims: GroupRunner[uuid.UUID, repo.ClaimOutcome] = GroupRunner("claim", self._claim_group)
-        self.writes: GroupRunner[repo.Finished, bool] = GroupRunner("write", self._write_group)
-        # Group delivery (``deliver``): claim what arrived together, record what finished together.
+        # Claim what arrived together, record what finished together (``deliver``).
         self.intake: GroupRunner[tuple[uuid.UUID, Done], None] = GroupRunner("intake", self._start_group)
         self.finishing: GroupRunner[tuple[Key, Future[BatchedResult]], None] = GroupRunner(
             "finish", self._finish_group)
@@ -88,8 +85,6 @@ class DeviceRuntime:
 
     def start(self) -> None:
         """Start the engine side (models warm, loop running) before any job arrives."""
-        self.claims.start()
-        self.writes.start()
         self.engine_side.start()
         self.intake.start()
         self.finishing.start()
@@ -103,28 +98,18 @@ class DeviceRuntime:
         self.intake.stop()
         self.engine_side.stop()
         self.finishing.stop()
-        self.claims.stop()
-        self.writes.stop()
 
     def run_job(self, job_id: uuid.UUID) -> str:
-        """Run one delivery of a job in the caller's thread (a Celery task thread). Returns what
-        happened (a status, or why nothing ran). Device workers use ``deliver`` instead."""
-        outcome = self.claims.submit(job_id).result()
-        job = outcome.job
-        if job is None:
-            return self._not_claimed(job_id, outcome.reason)
-        if job.model not in self.engine_side.served():
-            return self._not_served_here(job)
-        metrics.QUEUE_WAIT.labels(job.model).observe((utcnow() - job.created_at).total_seconds())
-        try:
-            future = self.engine_side.submit((job.id, job.attempt), job.model, JobSpec.of(job))
-            done = future.result(timeout=self.settings.max_job_seconds)
-        except FutureTimeout:
-            return self._failed(job, self._timeout(), retry=True)
-        except TextNLPError as error:
-            return self._unsuccessful(job, error)
-        written = self.writes.submit(self._finished(job, done)).result()
-        return self._succeeded(job) if written else self._discarded(job)
+        """Run one delivery of a job in the caller's thread and return what happened (a status, or
+        why nothing ran): ``deliver`` with a wait. What the Celery task calls; device workers
+        consume through ``deliver`` directly (generation_consumer.py)."""
+        finished: Future[str] = Future()
+
+        def done(outcome: str, *, requeue: bool = False) -> None:  # requeue: the row stays queued,
+            finished.set_result(outcome)  # and the reconciler sends it again after its grace
+
+        self.deliver(job_id, done)
+        return finished.result()
 
     # --- group delivery: what a device worker's consumer step drives ----------------------
     def deliver(self, job_id: uuid.UUID, done: Done) -> None:

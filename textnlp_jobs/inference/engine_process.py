@@ -294,7 +294,8 @@ def serve(conn: Connection, device: str, references: list[str], torch_threads: i
     try:
         side = _load(settings, device, references, torch_threads)
     except BaseException as error:
-        log.exception("engine_load_failed device=%s", device)
+        if not isinstance(error, TextNLPError):  # ours are one line, printed by the worker
+            log.exception("engine_load_failed device=%s", device)
         conn.send(("failed", error_payload(error)))
         conn.close()
         sys.exit(1)

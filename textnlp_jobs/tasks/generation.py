@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from celery import Task
@@ -12,28 +11,18 @@ from textnlp_jobs.celery_app import app
 from textnlp_jobs.constants import GENERATE_TASK
 from textnlp_jobs.dead_letter import dead_letter
 from textnlp_jobs.errors import JobFailedError
+from textnlp_jobs.generation_consumer import FAILED_OUTCOMES, job_id_from_args
 from textnlp_jobs.inference.device import DeviceRuntime
 
 log = logging.getLogger(__name__)
 
 _runtime: DeviceRuntime | None = None
-# Statuses after which Celery (and Flower) must see the task as failed.
-FAILED_OUTCOMES = frozenset({"failed", "dead"})
 
 
 def install_runtime(runtime: DeviceRuntime | None) -> None:
     """The device worker sets its runtime here before it starts consuming."""
     global _runtime
     _runtime = runtime
-
-
-def _job_id(args: tuple[Any, ...], kwargs: dict[str, Any]) -> uuid.UUID | None:
-    if kwargs or len(args) != 1 or not isinstance(args[0], str):
-        return None
-    try:
-        return uuid.UUID(args[0])
-    except ValueError:
-        return None
 
 
 # typing=False: arguments are checked here, so a message with the wrong ones is dead-lettered
@@ -45,7 +34,7 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> str:
     """Run one generation job by id. A message without exactly one job id goes to the dead-letter
     queue. A job that ends ``failed`` or ``dead`` raises ``JobFailedError`` after its row is
     written, so the task shows as failed; the message is acked all the same."""
-    job_id = _job_id(args, kwargs)
+    job_id = job_id_from_args(args, kwargs)
     if job_id is None:
         delivery = self.request.delivery_info or {}
         body = {"task": GENERATE_TASK, "id": self.request.id, "args": list(args), "kwargs": kwargs}
