@@ -49,7 +49,9 @@ def test_a_worker_killed_three_times_mid_batch_loses_no_job_and_writes_none_twic
 
 
 def test_a_flushed_redis_mid_run_is_repaired_by_the_reconciler(stack: LocalStack) -> None:
-    worker, client, ids = start_run(stack, 200)
+    # 600 jobs: a device worker that takes its messages in groups runs 200 of these in about a
+    # second, so with 200 the queue could be empty before the first poll saw 40 succeed.
+    worker, client, ids = start_run(stack, 600)
     flushed = []
 
     def flush_mid_run(counts: dict[str, int]) -> None:
