@@ -15,6 +15,9 @@ For each model it measures, on the same N greedy prompts with a fixed ``max_new_
    capacity measured in step 2 for S seconds; p50/p95 of ``finished_at - created_at``;
 4. system, ``max_batch=1``: M jobs on a fresh worker.
 
+Under each run of this project's continuous decoder (direct and system) a line says where the
+device loop's time went: the share of the wall it was busy, and the count, mean time and rows of its
+decode steps and joins (the worker's ``textnlp_device_loop_*`` metrics, read from its ``/metrics``).
 It prints a table and one final line ``BENCH_RESULT {json}``. The system wall time is the ledger's
 (from just before ``submit_many`` to the last ``finished_at``), so the client's polling interval
 does not count; the client-observed time is reported beside it.
@@ -139,14 +142,16 @@ def run_direct_continuous(engine: Any, prompt_ids: list[list[int]], batch: int, 
         for future in [batcher.submit(i, engine.model_name, r) for i, r in enumerate(requests[:batch])]:
             future.result()  # warm-up
         _synchronize(engine.device)
+        loop_before = in_process_loop()
         started = time.perf_counter()
         futures = [batcher.submit(i, engine.model_name, r) for i, r in enumerate(requests)]
         tokens = sum(f.result().result.tokens_generated for f in futures)
         _synchronize(engine.device)
         wall = time.perf_counter() - started
+        loop = loop_summary(loop_before, in_process_loop(), wall)
     finally:
         batcher.stop()
-    return _direct_figures(len(requests), tokens, wall, batch=batch, kind="continuous")
+    return _direct_figures(len(requests), tokens, wall, batch=batch, kind="continuous", loop=loop)
 
 
 def run_direct_hf_continuous(engine: Any, prompt_ids: list[list[int]], limits: list[int],
@@ -204,6 +209,65 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# --- where the device loop's time went ------------------------------------------------------
+
+LOOP_FAMILIES = {"textnlp_device_loop_seconds": "seconds", "textnlp_device_loop_operations": "operations",
+                 "textnlp_device_loop_rows": "rows"}
+
+
+def loop_counters(families: Any) -> dict[str, dict[str, float]]:
+    """phase -> {seconds, operations, rows} summed over models, from metric families (this
+    process's registry, or a worker's /metrics parsed)."""
+    out: dict[str, dict[str, float]] = {}
+    for family in families:
+        field = LOOP_FAMILIES.get(family.name)
+        if field is None:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                phase = out.setdefault(sample.labels["phase"], {"seconds": 0.0, "operations": 0.0, "rows": 0.0})
+                phase[field] += sample.value
+    return out
+
+
+def loop_summary(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                 wall: float) -> dict[str, Any]:
+    """What the device loop did between two readings: per phase its count, mean time and rows,
+    and the share of ``wall`` it was busy."""
+    phases: dict[str, Any] = {}
+    for phase, end in after.items():
+        start = before.get(phase, {})
+        delta = {k: end[k] - start.get(k, 0.0) for k in end}
+        if delta["operations"] <= 0:
+            continue
+        phases[phase] = {"count": int(delta["operations"]), "mean_ms": 1000 * delta["seconds"] / delta["operations"],
+                         "mean_rows": delta["rows"] / delta["operations"], "seconds": delta["seconds"]}
+    busy = sum(p["seconds"] for p in phases.values())
+    return {"busy_share": busy / wall if wall > 0 else None, "phases": phases}
+
+
+def in_process_loop() -> dict[str, dict[str, float]]:
+    from textnlp_jobs.metrics.registry import REGISTRY
+
+    return loop_counters(REGISTRY.collect())
+
+
+def scraped_loop(port: int) -> dict[str, dict[str, float]]:
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return loop_counters(text_string_to_metric_families(text))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 # --- the system ------------------------------------------------------------------------------
 
 class Stack:
@@ -256,7 +320,11 @@ class Stack:
             args += ["--torch-threads", str(self.torch_threads)]
         if self.worker_concurrency and max_batch > 1:  # the batch-1 run keeps the default (one thread)
             args += ["--concurrency", str(self.worker_concurrency)]
-        worker = self.stack.device_worker(self.device, extra_env={"TEXTNLP_BATCHING": batching}, args=args)
+        # The worker serves /metrics so each run can say where its device loop's time went.
+        self.metrics_port = free_port()
+        worker = self.stack.device_worker(self.device, extra_env={"TEXTNLP_BATCHING": batching,
+                                                                  "TEXTNLP_METRICS_PORT": str(self.metrics_port)},
+                                          args=args)
         started = time.perf_counter()
         worker.start()
         try:
@@ -275,6 +343,7 @@ class Stack:
     def run_all(self, prompts: list[str], limits: list[int], timeout: float) -> dict[str, Any]:
         """Submit every prompt at once (job i with ``limits[i]`` new tokens), wait for all; figures
         from the ledger."""
+        loop_before = scraped_loop(self.metrics_port)
         t_submit = datetime.now(UTC)
         started = time.perf_counter()
         jobs = self.client.submit_many([self.spec(p, n) for p, n in zip(prompts, limits, strict=True)])
@@ -282,7 +351,11 @@ class Stack:
         done = self.client.wait([j.id for j in jobs], timeout=timeout, poll=0.02)
         client_wall = time.perf_counter() - started
         result = summarize(done, t_submit)
-        result.update(submit_s=submitted, client_wall_s=client_wall)
+        # The engine process sends its metrics with its results (at most every 50 ms, and every
+        # second): wait that long so the last steps are counted.
+        time.sleep(1.2)
+        result.update(submit_s=submitted, client_wall_s=client_wall,
+                      loop=loop_summary(loop_before, scraped_loop(self.metrics_port), result["wall_s"]))
         return result
 
     def run_steady(self, prompts: list[str], max_new_tokens: int, rate: float, seconds: float,
@@ -584,6 +657,14 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def loop_line(loop: dict[str, Any]) -> str:
+    """e.g. ``device loop: busy 93% | step 279 x 23.8 ms, 123.9 rows | join 8 x 199.7 ms, 16.0 rows``"""
+    parts = [f"{phase} {p['count']} x {p['mean_ms']:.1f} ms, {p['mean_rows']:.1f} rows"
+             for phase, p in sorted(loop["phases"].items())]
+    busy = loop.get("busy_share")
+    return f"device loop: busy {busy:.0%} | " + " | ".join(parts) if busy is not None else " | ".join(parts)
+
+
 def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print()
     print(f"machine: {info['host']}  device {info['device']} = {info['device_name']}  "
@@ -614,6 +695,8 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
                       f"{_fmt(batch):>7}")
                 if row.get("statuses") and set(row["statuses"]) != {"succeeded"}:
                     print(f"  {'':<30}statuses {row['statuses']}  {row['errors']}")
+                if row.get("loop"):
+                    print(f"  {'':<4}{loop_line(row['loop'])}")
             best = figures.get("best_direct") or {}
             print(f"  best direct: {best.get('label', '-')} {_fmt(best.get('tokens_per_s'))} tok/s")
             print(f"  system / best direct ({workload}):        {_fmt(figures.get('system_vs_best_direct'), 3)}")

@@ -14,10 +14,11 @@ import pytest
 from textnlp_jobs.client import Client
 from textnlp_jobs.db.models import utcnow
 from textnlp_jobs.inference.batcher import BatchedResult, MicroBatcher
-from textnlp_jobs.inference.continuous import ContinuousBatcher
+from textnlp_jobs.inference.continuous import MAX_JOIN_WAIT_STEPS, ContinuousBatcher, JoinCost, _Running
 from textnlp_jobs.inference.device import DeviceRuntime
 from textnlp_jobs.inference.engine import EngineRequest, SamplingParams, StubEngine, TransformersEngine
 from textnlp_jobs.local_stack import LocalStack
+from textnlp_jobs.metrics.registry import REGISTRY
 from textnlp_jobs.settings import BatchingPolicy
 
 from .helpers import result_writes
@@ -103,6 +104,70 @@ def test_a_job_submitted_while_a_batch_decodes_joins_it_and_leaves_first() -> No
     finally:
         batcher.stop()
     assert engine.batches == [1, 2]
+
+
+def test_the_join_cost_separates_the_fixed_part_from_the_newcomers_own_prefill() -> None:
+    cost = JoinCost()
+    assert cost.in_steps() == 1.0  # nothing timed yet
+    cost.step_timed(0.010)
+    cost.join_timed(16, 0.040)
+    assert cost.in_steps() == pytest.approx(2.0)  # one size only: half of what it took
+    for rows in [4, 64, 8, 32, 16, 48, 2, 24] * 4:
+        cost.join_timed(rows, 0.030 + 0.002 * rows)  # 30 ms each join + 2 ms per newcomer
+    assert cost.fixed_seconds() == pytest.approx(0.030, rel=0.05)
+    assert cost.in_steps() == pytest.approx(3.0, rel=0.05)
+
+
+def running_batch(rows: int, step_seconds: float, join_steps: float) -> _Running:
+    running = _Running(StubEngine("demo"), None)  # type: ignore[arg-type]
+    running.jobs = {i: None for i in range(rows)}  # type: ignore[misc]
+    running.join_cost.step_timed(step_seconds)
+    running.join_cost.join_timed(8, 2 * join_steps * step_seconds)  # the assumed half is join_steps
+    return running
+
+
+def test_waiting_jobs_join_once_the_rows_left_empty_cost_as_much_as_a_join() -> None:
+    running = running_batch(rows=100, step_seconds=0.004, join_steps=2.0)  # a join costs 200 row-steps
+    now = 1000.0
+    decisions = []
+    for step in range(14):
+        decisions.append(running.should_join(16, now + step * 0.004, max_wait=1.0))
+    # 16 empty rows a step: 12 steps lose 192 row-steps, the 13th reaches 208 >= 200 and joins
+    assert decisions.index(True) == 12
+
+
+def test_free_rows_never_stand_empty_beside_waiting_jobs_for_long() -> None:
+    running = running_batch(rows=100, step_seconds=0.004, join_steps=50.0)  # joining would pay only late
+    assert not running.should_join(1, 1000.0, max_wait=0.02)
+    assert not running.should_join(1, 1000.0 + 0.02, max_wait=0.02)  # max_wait_ms, but under the step floor
+    assert running.should_join(1, 1000.0 + MAX_JOIN_WAIT_STEPS * 0.004 + 0.001, max_wait=0.02)
+    empty = running_batch(rows=0, step_seconds=0.004, join_steps=50.0)
+    assert empty.should_join(1, 1000.0, max_wait=0.02)  # nothing running: a start, not a join
+
+
+def loop_counter(family: str, phase: str) -> float:
+    value = REGISTRY.get_sample_value(f"textnlp_device_loop_{family}_total", {"model_name": "demo", "phase": phase})
+    return value or 0.0
+
+
+def test_the_device_loop_accounts_its_steps_and_joins_in_metrics() -> None:
+    before = {(f, p): loop_counter(f, p) for f in ("seconds", "operations", "rows") for p in ("start", "join", "step")}
+    engine = StubEngine("demo", step_seconds=0.01)
+    batcher = continuous(engine, 4, max_wait_ms=0)
+    batcher.start()
+    try:
+        long = batcher.submit("long", "demo", EngineRequest(list(range(1, 21)), 20, GREEDY))
+        time.sleep(0.05)
+        batcher.submit("short", "demo", EngineRequest([1, 2, 3], 3, GREEDY)).result(timeout=10)
+        long.result(timeout=10)
+    finally:
+        batcher.stop()
+    grew = {key: loop_counter(*key) - value for key, value in before.items()}
+    assert grew["operations", "start"] == 1 and grew["rows", "start"] == 1
+    assert grew["operations", "join"] == 1 and grew["rows", "join"] == 1
+    assert grew["operations", "step"] >= 18  # 20 tokens: the stub's start and join each step every row too
+    assert grew["seconds", "step"] >= 0.01 * 18  # each step sleeps 10 ms
+    assert grew["rows", "step"] > grew["operations", "step"]  # two rows ran side by side for a while
 
 
 def start_runtime(client: Client, engine: StubEngine) -> DeviceRuntime:

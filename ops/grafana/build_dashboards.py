@@ -104,6 +104,17 @@ MODELS = Dashboard("textnlp-model-performance", "textnlp-jobs: model performance
     Panel("Model errors per second, by code", "ops",
           [("sum by (model_name, error_type) (rate(textnlp_model_errors_total[5m]))",
             "{{model_name}} {{error_type}}")]),
+    Panel("Device busy (fraction of time in decode steps, joins and batches)", "percentunit", [(
+        "sum by (model_name, instance, phase) (rate(textnlp_device_loop_seconds_total[5m]))",
+        "{{model_name}} {{instance}} {{phase}}")]),
+    Panel("Time of one decode step or join, and rows per step", "s", [
+        ("sum by (model_name, phase) (rate(textnlp_device_loop_seconds_total[5m]))"
+         " / sum by (model_name, phase) (rate(textnlp_device_loop_operations_total[5m]))", "{{model_name}} {{phase}}"),
+    ]),
+    Panel("Rows per decode step (running batch) and per join", "short", [
+        ("sum by (model_name, phase) (rate(textnlp_device_loop_rows_total[5m]))"
+         " / sum by (model_name, phase) (rate(textnlp_device_loop_operations_total[5m]))", "{{model_name}} {{phase}}"),
+    ]),
     Panel("Generate time by prompt length", "s", [(
         "histogram_quantile(0.95, sum by (input_length_bucket, le) "
         "(rate(textnlp_model_inference_duration_seconds_bucket[5m])))", "p95 {{input_length_bucket}}")]),

@@ -202,6 +202,7 @@ class MicroBatcher(DeviceLoop):
             self._generate(batch[half:])
             return
         elapsed = time.monotonic() - started
+        metrics.device_loop(engine.model_name, "batch", elapsed, len(batch))
         self._record(engine, batch, results, elapsed)
         for pending, result in zip(batch, results, strict=True):
             pending.future.set_result(BatchedResult(

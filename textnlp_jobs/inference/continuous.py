@@ -7,13 +7,17 @@ so cancelled or overdue jobs never reach it), then runs one decode step of every
 a row that finished leaves at once and its job's future is resolved. For waiting and decoding jobs
 ``drop_filter`` is asked every ``recheck_seconds`` by a checker thread (so the ledger round trip
 never stalls a decode step), and a job cancelled or past its deadline mid-decode stops at the next
-step. An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched; a
-running one takes newcomers at the next step (once an eighth of its rows are free, or at once
-while it is less than half full, so prefills and cache merges stay batched). Out-of-memory while
-admitting splits the newcomers (one that still does not fit beside the running rows waits for
-them); while decoding, the newest half of the rows go back to the head of the queue (they restart
-from their prompt, with fresh seeded generators) and the batch holds at most the rows it kept
-until it empties. A row that alone runs out of memory fails.
+step. An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched.
+A running batch takes newcomers when joining pays (``_Running.should_join``): a join stalls every
+running row for a fixed cost beyond the newcomers' own prefill (``JoinCost``, fitted from this
+device's own timings), while a free row left empty loses one row of work per step, so waiting jobs
+join once the row-steps lost to free rows since the last join reach that cost, or once free rows
+have stood empty beside waiting jobs for ``max_wait_ms`` and at least ``MAX_JOIN_WAIT_STEPS``
+steps. Out-of-memory while admitting splits the newcomers (one that still does
+not fit beside the running rows waits for them); while decoding, the newest half of the rows go
+back to the head of the queue (they restart from their prompt, with fresh seeded generators) and
+the batch holds at most the rows it kept until it empties. A row that alone runs out of memory
+fails.
 """
 
 from __future__ import annotations
@@ -40,6 +44,60 @@ from textnlp_jobs.settings import BatchingPolicy
 
 log = logging.getLogger(__name__)
 
+# Until this device has timed a few joins of different sizes, a join's fixed cost is taken to be
+# half of what it took (the other half being the newcomers' own prefill, which no schedule avoids).
+ASSUMED_FIXED_SHARE = 0.5
+# Weight of the newest timing in the running averages.
+TIMING_WEIGHT = 0.1
+# However long joining takes to pay, a newcomer that found free rows waits at most this many decode
+# steps (or max_wait_ms, if longer): a lone job beside long-running rows is not held for minutes.
+MAX_JOIN_WAIT_STEPS = 16
+
+
+class JoinCost:
+    """What one join stalls the running rows for, beyond the newcomers' own prefill.
+
+    A join of ``g`` newcomers takes about ``fixed + per_row * g``: the per-row part is prefill
+    work every job needs once whenever it joins, the fixed part (launches, the cache merge, the
+    compaction) is what each extra join adds. Both come from a running least-squares fit of join
+    time on group size, so the rule adapts to a launch-bound GPU (mostly fixed) and a compute-bound
+    CPU (mostly per row) alike."""
+
+    def __init__(self) -> None:
+        self.step_seconds: float | None = None  # running average of one decode step
+        self._mean_rows = self._mean_seconds = self._mean_rows_sq = self._mean_product = 0.0
+        self._joins = 0
+
+    def step_timed(self, seconds: float) -> None:
+        previous = self.step_seconds
+        self.step_seconds = seconds if previous is None else previous + TIMING_WEIGHT * (seconds - previous)
+
+    def join_timed(self, rows: int, seconds: float) -> None:
+        weight = 1.0 if not self._joins else TIMING_WEIGHT
+        self._joins += 1
+        self._mean_rows += weight * (rows - self._mean_rows)
+        self._mean_seconds += weight * (seconds - self._mean_seconds)
+        self._mean_rows_sq += weight * (rows * rows - self._mean_rows_sq)
+        self._mean_product += weight * (rows * seconds - self._mean_product)
+
+    def fixed_seconds(self) -> float | None:
+        """The fitted fixed part of a join, or None before any join was timed."""
+        if not self._joins:
+            return None
+        variance = self._mean_rows_sq - self._mean_rows ** 2
+        if self._joins < 4 or variance < 1.0:  # group sizes too alike to separate the two parts
+            return ASSUMED_FIXED_SHARE * self._mean_seconds
+        per_row = (self._mean_product - self._mean_rows * self._mean_seconds) / variance
+        per_row = min(max(per_row, 0.0), self._mean_seconds / max(self._mean_rows, 1.0))
+        return self._mean_seconds - per_row * self._mean_rows
+
+    def in_steps(self) -> float:
+        """The fixed part in decode steps (1 until both have been timed)."""
+        fixed = self.fixed_seconds()
+        if fixed is None or not self.step_seconds:
+            return 1.0
+        return fixed / self.step_seconds
+
 
 class _Running:
     """One model's running batch and the jobs riding in it."""
@@ -54,6 +112,27 @@ class _Running:
         # generate call to divide by, and a per-job figure would ignore the rows beside it.
         self.window_started = time.monotonic()
         self.window_tokens = 0
+        self.join_cost = JoinCost()
+        self.idle_row_steps = 0.0  # free rows left empty while jobs waited, since the last join
+        self.idle_since = 0.0  # when the first of those was left empty
+
+    def should_join(self, fillable: int, now: float, max_wait: float) -> bool:
+        """Whether ``fillable`` waiting jobs (there are that many free rows) join before the next
+        step. Each step they wait loses ``fillable`` rows of work; a join stalls every running row
+        for its fixed cost. Joining once the loss so far reaches that cost is never worse than twice
+        the best schedule (the ski-rental rule) and needs no forecast of arrivals or of when rows
+        finish: uniform jobs come to join in large groups, mixed ones as enough rows free up."""
+        if not self.jobs:
+            return True
+        if not self.idle_row_steps:
+            self.idle_since = now
+        cost = self.join_cost
+        if now - self.idle_since >= max(max_wait, MAX_JOIN_WAIT_STEPS * (cost.step_seconds or 0.0)):
+            return True
+        if self.idle_row_steps + fillable >= cost.in_steps() * len(self.jobs):
+            return True
+        self.idle_row_steps += fillable
+        return False
 
     def count_tokens(self, tokens: int, now: float) -> None:
         """Add finished tokens; publish the window's rate once it is a second long."""
@@ -159,10 +238,8 @@ class ContinuousBatcher(DeviceLoop):
         taken: list[PendingJob] = []
         left: deque[PendingJob] = deque()
         waiting: dict[str, int] = {}
-        oldest: dict[str, float] = {}
         for pending in self._pending:
             waiting[pending.model] = waiting.get(pending.model, 0) + 1
-            oldest.setdefault(pending.model, pending.arrived)
         now = time.monotonic()
         for pending in self._pending:
             if pending.model not in free:
@@ -181,17 +258,12 @@ class ContinuousBatcher(DeviceLoop):
                     limit = min(limit, running.cap)
                 rows = len(running.jobs) if running else 0
                 free[pending.model] = limit - rows
-                # A prefill and a cache merge cost about a step each, so a running batch takes
-                # newcomers in groups of an eighth of its rows, not a few per step: it waits for
-                # that many free rows, and for that many newcomers or for the oldest of them to
-                # have waited max_wait_ms. (Admitting every arrival at once while jobs streamed in
-                # from the broker doubled each job's time in the batch on an H200.)
-                group = max(1, limit // 8)
-                policy = self.policy_for(pending.model)
-                if rows and (free[pending.model] < group or (
-                        waiting[pending.model] < group
-                        and now - oldest[pending.model] < policy.max_wait_ms / 1000.0)):
-                    free[pending.model] = 0
+                fillable = min(free[pending.model], waiting[pending.model])
+                if running is not None and fillable > 0:
+                    if running.should_join(fillable, now, self.policy_for(pending.model).max_wait_ms / 1000.0):
+                        running.idle_row_steps = 0.0
+                    else:
+                        free[pending.model] = 0
             if free[pending.model] > 0:
                 free[pending.model] -= 1
                 taken.append(pending)
@@ -228,6 +300,7 @@ class ContinuousBatcher(DeviceLoop):
 
     def _admit_group(self, running: _Running, jobs: list[PendingJob]) -> None:
         started = time.monotonic()
+        joining = bool(running.jobs)
         try:
             finished = running.decoder.admit([(id(job), job.request) for job in jobs])
         except Exception as error:
@@ -247,6 +320,10 @@ class ContinuousBatcher(DeviceLoop):
             self._admit_group(running, jobs[:half])
             self._admit_group(running, jobs[half:])
             return
+        elapsed = time.monotonic() - started
+        metrics.device_loop(running.engine.model_name, "join" if joining else "start", elapsed, len(jobs))
+        if joining:
+            running.join_cost.join_timed(len(jobs), elapsed)
         size = len(running.decoder)
         for job in jobs:
             running.jobs[id(job)] = (job, started, size + len(finished))
@@ -254,8 +331,13 @@ class ContinuousBatcher(DeviceLoop):
         self._finish(running, finished)
 
     def _step(self, model: str, running: _Running) -> None:
+        started = time.monotonic()
+        rows = len(running.jobs)
         try:
             finished = running.decoder.step()
+            elapsed = time.monotonic() - started
+            metrics.device_loop(running.engine.model_name, "step", elapsed, rows)
+            running.join_cost.step_timed(elapsed)
         except OutOfMemoryError:
             self._shrink(model, running)
             return

@@ -105,8 +105,9 @@ class TransformersDecoder:
         new = [_Row(key, request, engine.generator_for(request)) for key, request in rows]
         cache = self._new_cache()
         with self._guard(len(rows)), torch.inference_mode():
+            # Only the last position's logits are used: the LM head skips the rest of the prompt.
             output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True)
+                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
             chosen = self._choose(output.logits[:, -1, :], new)
         if any(row.done for row in self.rows):
             self._keep([i for i, row in enumerate(self.rows) if not row.done])

@@ -16,9 +16,10 @@ If the child dies, every job waiting on it fails with ``WorkerShuttingDownError`
 the job back to the queue) and ``crashed`` is set, so the worker exits non-zero and is restarted.
 
 Metrics recorded in the child (batch sizes, inference durations, tokens/s, memory, last batch
-time: ``ENGINE_METRICS``) travel to the worker as snapshots beside the results (at most every
-50 ms, and once a second), and the worker serves them from ``EngineMetricsRelay`` in place of its
-own empty copies: one process pushes one pushgateway group and serves one ``/metrics``, as before.
+time, the device loop's time by phase: ``ENGINE_METRICS``) travel to the worker as snapshots beside
+the results (at most every 50 ms, and once a second), and the worker serves them from
+``EngineMetricsRelay`` in place of its own empty copies: one process pushes one pushgateway group
+and serves one ``/metrics``, as before.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ log = logging.getLogger(__name__)
 
 # What the engine process records; the worker relays its snapshots (see the module docstring).
 ENGINE_METRICS: tuple[Any, ...] = (metrics.INFERENCE_DURATION, metrics.TOKENS_PER_SECOND, metrics.MEMORY_USAGE,
-                                   metrics.BATCH_SIZE, metrics.WORKER_LAST_BATCH, metrics.DEVICE_MEMORY_TOTAL)
+                                   metrics.BATCH_SIZE, metrics.WORKER_LAST_BATCH, metrics.DEVICE_MEMORY_TOTAL,
+                                   metrics.DEVICE_LOOP_SECONDS, metrics.DEVICE_LOOP_OPERATIONS,
+                                   metrics.DEVICE_LOOP_ROWS)
 SNAPSHOT_EVERY = 0.05  # seconds, at most, between two snapshots sent with results
 SNAPSHOT_AT_LEAST = 1.0  # seconds between two snapshots when no result goes out
 

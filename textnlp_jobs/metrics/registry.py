@@ -61,6 +61,22 @@ WORKER_LAST_BATCH = Gauge(
     "textnlp_worker_last_batch_timestamp_seconds", "Unix time of the device's last finished batch.",
     ["device"], registry=REGISTRY,
 )
+# Where a device's loop spends its time. phase: "step" (one decode step of a running batch), "join"
+# (newcomers prefilled beside running rows), "start" (prefill of an empty batch), "batch" (one
+# static generate call). rate(seconds) summed over phases is the fraction of time the device is busy;
+# seconds / operations the time of one; rows / operations the rows each one carried.
+DEVICE_LOOP_SECONDS = Counter(
+    "textnlp_device_loop_seconds", "Time the device loop spent, by phase.", ["model_name", "phase"],
+    registry=REGISTRY,
+)
+DEVICE_LOOP_OPERATIONS = Counter(
+    "textnlp_device_loop_operations", "Steps, joins, starts and static batches of the device loop.",
+    ["model_name", "phase"], registry=REGISTRY,
+)
+DEVICE_LOOP_ROWS = Counter(
+    "textnlp_device_loop_rows", "Rows carried: running rows of each step, newcomers of each join or start.",
+    ["model_name", "phase"], registry=REGISTRY,
+)
 DEVICE_MEMORY_TOTAL = Gauge(
     "textnlp_device_memory_total_bytes", "Total memory of the worker's GPU.", ["device"], registry=REGISTRY,
 )
@@ -147,6 +163,13 @@ def worker_started(device: str) -> None:
     global _device
     _device = device
     WORKER_UP.labels(device).set(1)
+
+
+def device_loop(model: str, phase: str, seconds: float, rows: int) -> None:
+    """Account one operation of a device's loop (see ``DEVICE_LOOP_SECONDS``)."""
+    DEVICE_LOOP_SECONDS.labels(model, phase).inc(seconds)
+    DEVICE_LOOP_OPERATIONS.labels(model, phase).inc()
+    DEVICE_LOOP_ROWS.labels(model, phase).inc(rows)
 
 
 def batch_finished() -> None:
