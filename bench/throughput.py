@@ -257,9 +257,16 @@ def scraped_loop(port: int) -> dict[str, dict[str, float]]:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return loop_counters(text_string_to_metric_families(text))
+    give_up = time.monotonic() + 30  # the worker answers pings before its /metrics may be up
+    while True:
+        try:
+            with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            return loop_counters(text_string_to_metric_families(text))
+        except OSError:
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(0.2)
 
 
 def free_port() -> int:

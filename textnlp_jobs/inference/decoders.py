@@ -19,6 +19,7 @@ bench/throughput.py as a direct baseline.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,10 @@ class TransformersDecoder:
         self.last: Any = None  # [rows]: each row's newest token, not yet in the cache
         self.positions: Any = None  # [rows]: that token's position
         self.alive: Any = None  # [rows]: 1 for a row still decoding, 0 for one that left
+        # A prefill uses only the last position's logits: where the model's forward can, its LM head
+        # skips the rest of the prompt (half the time of a 128-row start on the CPU).
+        accepts = inspect.signature(engine.model.forward).parameters
+        self.prefill_options = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
 
     def __len__(self) -> int:
         return sum(1 for row in self.rows if not row.done)
@@ -105,9 +110,8 @@ class TransformersDecoder:
         new = [_Row(key, request, engine.generator_for(request)) for key, request in rows]
         cache = self._new_cache()
         with self._guard(len(rows)), torch.inference_mode():
-            # Only the last position's logits are used: the LM head skips the rest of the prompt.
             output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+                                  past_key_values=cache, use_cache=True, **self.prefill_options)
             chosen = self._choose(output.logits[:, -1, :], new)
         if any(row.done for row in self.rows):
             self._keep([i for i, row in enumerate(self.rows) if not row.done])
