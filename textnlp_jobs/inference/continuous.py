@@ -7,17 +7,16 @@ so cancelled or overdue jobs never reach it), then runs one decode step of every
 a row that finished leaves at once and its job's future is resolved. For waiting and decoding jobs
 ``drop_filter`` is asked every ``recheck_seconds`` by a checker thread (so the ledger round trip
 never stalls a decode step), and a job cancelled or past its deadline mid-decode stops at the next
-step. An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched.
-A running batch takes newcomers when joining pays (``_Running.should_join``): a join stalls every
+step. An empty batch waits up to ``max_wait_ms`` for company so the first prefill is batched. A
+running batch takes newcomers when joining pays (``_Running.should_join``): a join stalls every
 running row for a fixed cost beyond the newcomers' own prefill (``JoinCost``, fitted from this
 device's own timings), while a free row left empty loses one row of work per step, so waiting jobs
 join once the row-steps lost to free rows since the last join reach that cost, or once free rows
 have stood empty beside waiting jobs for ``max_wait_ms`` and at least ``MAX_JOIN_WAIT_STEPS``
-steps. Out-of-memory while admitting splits the newcomers (one that still does
-not fit beside the running rows waits for them); while decoding, the newest half of the rows go
-back to the head of the queue (they restart from their prompt, with fresh seeded generators) and
-the batch holds at most the rows it kept until it empties. A row that alone runs out of memory
-fails.
+steps. Out-of-memory while admitting splits the newcomers (one that still does not fit beside the
+running rows waits for them); while decoding, the newest half of the rows go back to the head of
+the queue (they restart from their prompt, with fresh seeded generators) and the batch holds at
+most the rows it kept until it empties. A row that alone runs out of memory fails.
 """
 
 from __future__ import annotations
