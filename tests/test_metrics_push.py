@@ -72,6 +72,15 @@ def test_a_device_worker_pushes_its_job_metrics_and_deletes_its_group_on_a_clean
     batches = value(samples, "textnlp_batch_size_count", model_name="demo", **group)
     assert batches and 1 <= batches <= 6
     assert value(samples, "textnlp_batch_size_sum", model_name="demo", **group) == 6
+    # The device loop's own accounting comes from the engine process, relayed by the worker: each
+    # job was admitted once (a start or a join, or a static batch), and the loop was busy a while.
+    def admitted() -> float:
+        samples = scrape(gateway.url + "/metrics")
+        return sum(value(samples, "textnlp_device_loop_rows_total", model_name="demo", phase=phase, **group) or 0
+                   for phase in ("start", "join", "batch"))
+    wait_for(lambda: admitted() == 6, 30, "the engine's device-loop metrics counted six admissions")
+    samples = scrape(gateway.url + "/metrics")
+    assert (value(samples, "textnlp_device_loop_seconds_total", model_name="demo", **group) or 0) > 0
     (duration,) = {tuple(sorted(s.labels)) for s in samples
                    if s.name == "textnlp_model_inference_duration_seconds_count"}
     assert duration == ("input_length_bucket", "instance", "job", "model_name", "model_version")
