@@ -121,17 +121,14 @@ class _Running:
         for its fixed cost. Joining once the loss so far reaches that cost is never worse than twice
         the best schedule (the ski-rental rule) and needs no forecast of arrivals or of when rows
         finish: uniform jobs come to join in large groups, mixed ones as enough rows free up."""
-        if not self.jobs:
-            return True
         if not self.idle_row_steps:
             self.idle_since = now
         cost = self.join_cost
-        if now - self.idle_since >= max(max_wait, MAX_JOIN_WAIT_STEPS * (cost.step_seconds or 0.0)):
-            return True
-        if self.idle_row_steps + fillable >= cost.in_steps() * len(self.jobs):
-            return True
-        self.idle_row_steps += fillable
-        return False
+        join = (not self.jobs  # nothing running: a start, not a join
+                or now - self.idle_since >= max(max_wait, MAX_JOIN_WAIT_STEPS * (cost.step_seconds or 0.0))
+                or self.idle_row_steps + fillable >= cost.in_steps() * len(self.jobs))
+        self.idle_row_steps = 0.0 if join else self.idle_row_steps + fillable
+        return join
 
     def count_tokens(self, tokens: int, now: float) -> None:
         """Add finished tokens; publish the window's rate once it is a second long."""
@@ -258,11 +255,9 @@ class ContinuousBatcher(DeviceLoop):
                 rows = len(running.jobs) if running else 0
                 free[pending.model] = limit - rows
                 fillable = min(free[pending.model], waiting[pending.model])
-                if running is not None and fillable > 0:
-                    if running.should_join(fillable, now, self.policy_for(pending.model).max_wait_ms / 1000.0):
-                        running.idle_row_steps = 0.0
-                    else:
-                        free[pending.model] = 0
+                max_wait = self.policy_for(pending.model).max_wait_ms / 1000.0
+                if running is not None and fillable > 0 and not running.should_join(fillable, now, max_wait):
+                    free[pending.model] = 0
             if free[pending.model] > 0:
                 free[pending.model] -= 1
                 taken.append(pending)
