@@ -427,6 +427,7 @@ def summarize(jobs: list[Any], t_submit: datetime | None) -> dict[str, Any]:
     first = t_submit or min(j.created_at for j in jobs)
     wall = (max(finished) - first).total_seconds() if finished else float("nan")
     batch_sizes = [j.batch_size for j in succeeded if j.batch_size]
+    started = sorted(j.started_at for j in jobs if j.started_at is not None)
     inference = [j.inference_seconds for j in succeeded if j.inference_seconds is not None]
     return {
         "jobs": len(jobs), "statuses": statuses, "errors": errors[:5], "tokens": tokens, "wall_s": wall,
@@ -434,6 +435,10 @@ def summarize(jobs: list[Any], t_submit: datetime | None) -> dict[str, Any]:
         "ms_per_job": 1000 * wall / len(jobs),
         "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else None,
         "mean_inference_s": statistics.fmean(inference) if inference else None,
+        # When the device got its first and its last job: idle before the first is start-up, not
+        # throughput (the ledger's clock, as the wall).
+        "first_started_s": (started[0] - first).total_seconds() if started else None,
+        "last_started_s": (started[-1] - first).total_seconds() if started else None,
     }
 
 
@@ -704,6 +709,9 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
                     print(f"  {'':<30}statuses {row['statuses']}  {row['errors']}")
                 if row.get("loop"):
                     print(f"  {'':<4}{loop_line(row['loop'])}")
+                if row.get("first_started_s") is not None and row.get("submit_s") is not None:
+                    print(f"  {'':<4}timeline: submit_many returned at {row['submit_s']:.3f} s, first job started at "
+                          f"{row['first_started_s']:.3f} s, last at {row['last_started_s']:.3f} s")
             best = figures.get("best_direct") or {}
             print(f"  best direct: {best.get('label', '-')} {_fmt(best.get('tokens_per_s'))} tok/s")
             print(f"  system / best direct ({workload}):        {_fmt(figures.get('system_vs_best_direct'), 3)}")
@@ -733,7 +741,7 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo", help="demo, small, narrow or tiny; comma-separated for several")
+    parser.add_argument("--model", default="demo", help="demo, small, narrow, launch or tiny; comma-separated for several")
     parser.add_argument("--jobs", type=int, default=256, help="N: jobs for the batched runs")
     parser.add_argument("--batch", type=int, default=None,
                         help="B: the worker's max_batch (default: the largest of --batches)")

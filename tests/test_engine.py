@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from textnlp_jobs.errors import ErrorCode, InputError, TokenizationError
 from textnlp_jobs.inference.batcher import MicroBatcher
 from textnlp_jobs.inference.engine import EngineRequest, SamplingParams, TransformersEngine
 from textnlp_jobs.settings import BatchingPolicy
@@ -62,3 +63,46 @@ def test_each_row_respects_its_own_max_new_tokens_in_one_batch(engine: Transform
 def test_every_job_gets_at_least_one_token_and_text(engine: TransformersEngine) -> None:
     results = engine.generate([EngineRequest(engine.tokenize(p), 8, SamplingParams()) for p in PROMPTS])
     assert all(r.tokens_generated >= 1 and r.text for r in results)
+
+
+def test_prompts_tokenized_together_get_the_ids_they_get_alone(engine: TransformersEngine) -> None:
+    prompts = [*PROMPTS, "naïve café — 東京 🚀", "  leading and trailing  ", "tab\tand\nnewline"]
+    together = engine.tokenize_many(prompts)
+    assert together == [engine.tokenize(p) for p in prompts]
+
+
+def test_a_prompt_without_tokens_fails_alone_when_tokenized_with_others(engine: TransformersEngine) -> None:
+    together = engine.tokenize_many(["Return a new list", "", "Raise an exception if"])
+    assert together[0] == engine.tokenize("Return a new list")
+    assert isinstance(together[1], TokenizationError)
+    assert together[2] == engine.tokenize("Raise an exception if")
+
+
+def test_a_message_of_jobs_fails_only_the_jobs_refused_at_once(engine: TransformersEngine) -> None:
+    from textnlp_jobs.inference.engine_side import JobSpec, LocalEngineSide
+    from textnlp_jobs.settings import Settings
+
+    settings = Settings(max_prompt_tokens=8, batching={"*": BatchingPolicy(max_batch=8, max_wait_ms=20)})
+    side = LocalEngineSide(settings, None, {"demo": engine}, name="cpu.0")  # type: ignore[arg-type]
+    side.batcher.drop_filter = None  # no ledger here: nothing is cancelled
+    side.start()
+    try:
+        def spec(prompt: str) -> JobSpec:
+            return JobSpec(prompt, False, 4, SamplingParams(), None)
+
+        long_prompt = " ".join(["word"] * 40)
+        futures = side.submit_many([("a", "demo", spec("Return a new list")), ("b", "demo", spec(long_prompt)),
+                                    ("c", "other", spec("Return a new list")), ("d", "demo", spec("")),
+                                    ("e", "demo", spec("Raise an exception if"))])
+        assert futures[0].result(timeout=60).result.tokens_generated >= 1
+        assert futures[4].result(timeout=60).result.tokens_generated >= 1
+        with pytest.raises(InputError) as over:
+            futures[1].result(timeout=5)
+        assert over.value.code == ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS and "limit of 8 tokens" in over.value.message
+        with pytest.raises(InputError) as not_here:
+            futures[2].result(timeout=5)
+        assert not_here.value.code == ErrorCode.INPUT_MODEL_NOT_ON_DEVICE
+        with pytest.raises(TokenizationError):
+            futures[3].result(timeout=5)
+    finally:
+        side.stop()

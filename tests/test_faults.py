@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,9 +19,14 @@ from workers.device import worker_hostname
 from .helpers import assert_each_succeeded_exactly_once, job_specs, wait_until_final
 
 
-def start_run(stack: LocalStack, count: int) -> tuple[WorkerProcess, Client, list[uuid.UUID]]:
-    """A device worker and ``count`` jobs submitted to it, the worker ready."""
-    worker = stack.device_worker("cpu.0").start()
+def start_run(stack: LocalStack, count: int, *, max_batch: int | None = None) -> tuple[WorkerProcess, Client,
+                                                                                      list[uuid.UUID]]:
+    """A device worker and ``count`` jobs submitted to it, the worker ready. ``max_batch`` slows the
+    worker down where a test must catch the run in the middle (a worker taking its messages in
+    groups finished 200 jobs before the first poll)."""
+    batching = {"*": {"max_batch": max_batch, "max_wait_ms": 20}}
+    extra_env = {"TEXTNLP_BATCHING": json.dumps(batching)} if max_batch else None
+    worker = stack.device_worker("cpu.0", extra_env=extra_env).start()
     client = Client(stack.settings())
     ids = [job.id for job in client.submit_many(job_specs(count, max_new_tokens=24))]
     stack.wait_ready(worker_hostname(stack.settings(), "cpu.0"))
@@ -30,7 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_a_worker_killed_three_times_mid_batch_loses_no_job_and_writes_none_twice(stack: LocalStack) -> None:
-    worker, client, ids = start_run(stack, 200)
+    worker, client, ids = start_run(stack, 200, max_batch=2)
     kill_points = [30, 80, 130]
     kills = []
 

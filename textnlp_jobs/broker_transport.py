@@ -1,22 +1,36 @@
-"""kombu's Redis transport, with malformed messages dead-lettered before they can stop a worker.
+"""kombu's Redis transport, with malformed messages dead-lettered before they can stop a worker,
+and a device worker's messages recorded and acked many to a round trip.
 
 kombu decodes each item it pops from a queue list as a JSON envelope and builds a message from
 it; an item that is not JSON, or JSON of the wrong shape, raises inside the worker's event loop,
 which Celery treats as unrecoverable (``redis-cli LPUSH textnlp.gen.demo 'not json'`` stopped a
 worker). This channel checks every popped item first and hands a bad one to ``dead_letter``.
-Celery uses it through the ``broker_transport`` setting whenever the broker is Redis.
+
+kombu keeps every delivered, unacked message in a Redis hash and a sorted index (so a dead
+worker's messages are restored after the visibility timeout), with one transaction per message
+when it arrives and another when it is acked. At a device worker's rates that was half of its
+process's time, so here the messages of one bulk pop are recorded in one transaction before any
+is handed on, and acks made inside ``QoS.acks_together`` go out in one when it closes. What is
+written is what kombu writes; its restore and visibility-timeout logic read it unchanged.
+Celery uses this transport through the ``broker_transport`` setting whenever the broker is Redis.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps
 
 from textnlp_jobs.dead_letter import dead_letter
 
@@ -51,11 +65,85 @@ def envelope_problem(payload: Any) -> str | None:
     return None
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, with many messages recorded, or acked, in one transaction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gathering = threading.local()  # this thread's acks held by ``acks_together``
+
+    def append_many(self, messages: Sequence[Any]) -> None:
+        """``append`` for many messages: the unacked index and hash entries kombu writes for each,
+        in one transaction, then the in-memory record."""
+        if not messages:
+            return
+        now = time.time()
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {m.delivery_tag: now for m in messages})
+            pipe.hset(self.unacked_key, mapping={
+                m.delivery_tag: dumps([m._raw, m.delivery_info["exchange"], m.delivery_info["routing_key"]])
+                for m in messages})
+            pipe.execute()
+        for message in messages:
+            virtual.QoS.append(self, message, message.delivery_tag)
+
+    @contextlib.contextmanager
+    def acks_together(self) -> Iterator[None]:
+        """Acks this thread makes inside the block reach Redis in one transaction as it closes (a
+        message is acked only after its outcome is written, so a later ack is still a safe one)."""
+        if getattr(self._gathering, "tags", None) is not None:  # nested: the outer block sends them
+            yield
+            return
+        self._gathering.tags = []
+        try:
+            yield
+        finally:
+            tags, self._gathering.tags = self._gathering.tags, None
+            self._ack_now(tags)
+
+    def ack(self, delivery_tag: Any) -> None:
+        tags = getattr(self._gathering, "tags", None)
+        if tags is None:
+            self._ack_now([delivery_tag])
+        else:
+            tags.append(delivery_tag)
+
+    def _ack_now(self, tags: list[Any]) -> None:
+        if not tags:
+            return
+        with self.pipe_or_acquire() as pipe:
+            pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        for tag in tags:
+            virtual.QoS.ack(self, tag)
+
+
 class Channel(kombu_redis.Channel):
     """A Redis channel that never delivers an item it cannot turn into a message."""
 
+    QoS = QoS
     _shared_client: Any = None
     _bulk_pop = True
+
+    def basic_consume(self, queue: str, no_ack: bool, callback: Callable[[Any], Any], consumer_tag: str,
+                      **kwargs: Any) -> Any:
+        """As kombu's, and remember the callback of a consumer that acks, so a bulk pop can record
+        its messages together (``_pop_more``) and hand each to it."""
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        if not no_ack:
+            self._acking_consumers()[queue] = callback
+        return result
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        if queue is not None:
+            self._acking_consumers().pop(queue, None)
+        return super().basic_cancel(consumer_tag)
+
+    def _acking_consumers(self) -> dict[str, Callable[[Any], Any]]:
+        consumers: dict[str, Callable[[Any], Any]] | None = self.__dict__.get("_acking")
+        if consumers is None:
+            consumers = self.__dict__["_acking"] = {}
+        return consumers
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """One client for the channel's synchronous work, not a new one per call: kombu builds a
@@ -130,10 +218,18 @@ class Channel(kombu_redis.Channel):
         except self.ResponseError:  # a Redis before 6.2 has no count argument: one per pop, as kombu
             self._bulk_pop = False
             return
-        for item in items or ():
-            payload = self._checked(item, queue)
-            if payload is not None:
+        payloads = [payload for payload in (self._checked(item, queue) for item in items or ()) if payload is not None]
+        consumer = self._acking_consumers().get(queue)
+        if consumer is None or not isinstance(self.qos, QoS) or self.connection._callbacks.get(queue) is None:
+            for payload in payloads:  # kombu's own path: one transaction per message
                 self.connection._deliver(payload, queue)
+            return
+        # Every message is recorded as unacked before any is handed on (and so before any can be
+        # acked), as kombu does for one.
+        messages = [self.Message(payload, channel=self) for payload in payloads]
+        self.qos.append_many(messages)
+        for message in messages:
+            consumer(message)
 
     def _get(self, queue: str, timeout: Any = None) -> Any:
         with self.conn_or_acquire() as client:

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from celery import bootsteps
@@ -103,11 +103,14 @@ class GenerationStep(bootsteps.ConsumerStep):  # type: ignore[misc]
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.consumer: Any = None  # Celery's consumer (connection, event dispatcher, event loop)
+        self.channel: Any = None  # the channel the step's consumer is on (its QoS holds the unacked)
         self._wake_fds: tuple[int, int] | None = None
 
     def start(self, c: Any) -> None:
         self.consumer = c
         super().start(c)
+        if self.runtime is not None:
+            self.runtime.outcomes_together = self.acks_together
         hub = getattr(c, "hub", None)
         if hub is not None and self._wake_fds is None:
             # With every prefetch slot taken the transport stops asking Redis for this channel, and
@@ -129,7 +132,20 @@ class GenerationStep(bootsteps.ConsumerStep):  # type: ignore[misc]
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._wake_fds[1], b"w")
 
+    @contextlib.contextmanager
+    def acks_together(self) -> Iterator[None]:
+        """The acks of outcomes told inside the block go to the broker in one round trip as it
+        closes (broker_transport.QoS), and the event loop is woken once for the freed slots."""
+        gather = getattr(getattr(self.channel, "qos", None), "acks_together", None)
+        if gather is None:
+            yield
+            return
+        with gather():
+            yield
+        self._wake()
+
     def get_consumers(self, channel: Any) -> list[Consumer]:
+        self.channel = channel
         consumer = Consumer(channel, queues=step_queues(self.queues), callbacks=[self.on_message], accept=["json"],
                             on_decode_error=self.on_decode_error, no_ack=False)
         consumer.qos(prefetch_count=self.prefetch)

@@ -84,15 +84,20 @@ class DeviceLoop:
 
     # --- the callers' side -----------------------------------------------------------------
     def submit(self, job_id: Any, model: str, request: EngineRequest) -> Future[BatchedResult]:
-        if model not in self.engines:
-            raise InferenceError(f"model {model!r} is not loaded on {self.name}")
-        pending = PendingJob(job_id, model, request)
+        return self.submit_many([(job_id, model, request)])[0]
+
+    def submit_many(self, jobs: Sequence[tuple[Any, str, EngineRequest]]) -> list[Future[BatchedResult]]:
+        """Queue ``(job id, model, request)`` jobs for the loop, all or none (one lock, one wake-up)."""
+        for _, model, _ in jobs:
+            if model not in self.engines:
+                raise InferenceError(f"model {model!r} is not loaded on {self.name}")
+        pending = [PendingJob(job_id, model, request) for job_id, model, request in jobs]
         with self._changed:
             if self._stopping:
                 raise WorkerShuttingDownError(f"{self.name} is stopping")
-            self._pending.append(pending)
+            self._pending.extend(pending)
             self._changed.notify()
-        return pending.future
+        return [job.future for job in pending]
 
     def call_on_loop(self, function: Callable[[], Any]) -> Future[Any]:
         """Run ``function`` on the loop thread, between batches or steps (e.g. warm-up). Torch work

@@ -52,6 +52,10 @@ RECIPES: dict[str, ModelRecipe] = {
     # cost about what small's cost on a GPU, and the system's per-step and per-join costs show.
     "narrow": ModelRecipe(6, 64, 4, 1024, 8192, 0, "6-layer, 64-wide GPT-2 with random weights",
                           "a 6-layer, 64-wide GPT-2 with random weights (for benchmarks): seconds"),
+    # For benchmarks: small's depth at a width and vocabulary so small that a CPU's decode step
+    # costs what its operator launches cost, nearly whatever the rows, as small's steps do on a GPU.
+    "launch": ModelRecipe(6, 32, 2, 1024, 512, 0, "6-layer, 32-wide GPT-2 with a 512-token vocabulary",
+                          "a 6-layer, 32-wide GPT-2 with random weights (for benchmarks): seconds"),
     # Only for tests and quick checks: builds in seconds.
     "tiny": ModelRecipe(2, 32, 2, 256, 512, 30, "2-layer, 32-wide GPT-2 for tests",
                         "a 2-layer, 32-wide GPT-2 trained for 30 steps (for tests): seconds"),

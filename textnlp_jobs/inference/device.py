@@ -11,6 +11,7 @@ thread. It knows nothing of Celery.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,6 +80,8 @@ class DeviceRuntime:
         self._claiming = 0
         self._sweeper_stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        # Outcomes told inside it may be acked together (the consumer step installs one that does).
+        self.outcomes_together: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
     @property
     def mode(self) -> str:
@@ -139,7 +143,8 @@ class DeviceRuntime:
     def _start_group(self, deliveries: Sequence[tuple[uuid.UUID, Done]]) -> list[None]:
         """Claim a group of deliveries in one statement and hand the claimed jobs to the engine."""
         try:
-            self._claim_and_start(deliveries)
+            with self.outcomes_together():
+                self._claim_and_start(deliveries)
         finally:  # each one is now in flight or has its outcome
             with self._in_flight_lock:
                 self._claiming -= len(deliveries)
@@ -178,7 +183,13 @@ class DeviceRuntime:
         future.add_done_callback(lambda generated: self.finishing.submit((key, generated)))
 
     def _finish_group(self, items: Sequence[tuple[Key, Future[BatchedResult]]]) -> list[None]:
-        """Record a group of generations: the successes in one write, the rest one by one."""
+        """Record a group of generations: the successes in one write, the rest one by one; their
+        messages are acked together once all are recorded."""
+        with self.outcomes_together():
+            self._record_group(items)
+        return [None] * len(items)
+
+    def _record_group(self, items: Sequence[tuple[Key, Future[BatchedResult]]]) -> None:
         successes: list[tuple[repo.ClaimedJob, Done, BatchedResult]] = []
         for key, generated in items:
             with self._in_flight_lock:
@@ -192,7 +203,7 @@ class DeviceRuntime:
             else:
                 done(self._recorded(functools.partial(self._unsuccessful, job, as_textnlp(error))))
         if not successes:
-            return [None] * len(items)
+            return
         try:
             written = self._with_ledger_retries(
                 "write", lambda: self._write_group([self._finished(job, result) for job, _, result in successes]))
@@ -200,10 +211,9 @@ class DeviceRuntime:
             log.error("results_not_written count=%d", len(successes))
             for _, done, _ in successes:
                 done("write_failed")
-            return [None] * len(items)
+            return
         for (job, done, _), was_written in zip(successes, written, strict=True):
             done(self._succeeded(job) if was_written else self._discarded(job))
-        return [None] * len(items)
 
     def _sweep_overdue(self) -> None:
         """Fail (for a retry) every job the engine has held longer than the longest allowed job."""

@@ -205,6 +205,26 @@ class TransformersEngine:
             raise TokenizationError("prompt has no tokens")
         return list(ids)
 
+    def tokenize_many(self, prompts: Sequence[str]) -> list[list[int] | TokenizationError]:
+        """``tokenize`` for many prompts in one call of the tokenizer: a fast tokenizer encodes the
+        batch in Rust without holding the GIL, so the decode loop beside it keeps running (one
+        prompt at a time, the Python around each encode held the GIL about 45 µs per job). A prompt
+        it cannot tokenize gets its own error; the others are unaffected."""
+        if len(prompts) < 2:
+            return [self._tokenize_or_error(prompt) for prompt in prompts]
+        try:
+            encoded = self.tokenizer(list(prompts), add_special_tokens=False, return_attention_mask=False,
+                                     return_token_type_ids=False)["input_ids"]
+        except Exception:  # one prompt the tokenizer refuses: find it, one by one
+            return [self._tokenize_or_error(prompt) for prompt in prompts]
+        return [list(ids) if len(ids) else TokenizationError("prompt has no tokens") for ids in encoded]
+
+    def _tokenize_or_error(self, prompt: str) -> list[int] | TokenizationError:
+        try:
+            return self.tokenize(prompt)
+        except TokenizationError as error:
+            return error
+
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise TokenizationError(f"model {self.model_name} version {self.model_version} has no chat template",

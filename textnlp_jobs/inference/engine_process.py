@@ -24,6 +24,7 @@ and serves one ``/metrics``, as before.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -321,13 +322,16 @@ def serve(conn: Connection, device: str, references: list[str], torch_threads: i
             os._exit(0)
         if message[0] == "stop":
             break
-        for key, model, spec in message[1]:
-            try:
-                future = side.submit(key, model, spec)
-            except Exception as error:  # a prompt over the limit, a tokenizer error: this job only
+        # A prompt over the limit or a tokenizer error fails its own future only.
+        try:
+            futures = side.submit_many(message[1])
+        except Exception as error:  # not one job's fault: these jobs fail, the process serves on
+            log.exception("engine_submit_failed device=%s count=%d", device, len(message[1]))
+            for key, _, _ in message[1]:
                 results.put((key, None, error_payload(error)))
-                continue
-            future.add_done_callback(lambda done, key=key: finished(key, done))
+            continue
+        for (key, _, _), future in zip(message[1], futures, strict=True):
+            future.add_done_callback(functools.partial(finished, key))
     side.stop()  # fails what still runs or waits with WorkerShuttingDownError, through `finished`
     results.close()
     sender.join(30)

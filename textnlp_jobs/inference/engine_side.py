@@ -17,6 +17,7 @@ the model's tokenizer lives, so the system half never loads a model.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.devices import Device
-from textnlp_jobs.errors import ErrorCode, InputError
+from textnlp_jobs.errors import ErrorCode, InputError, TextNLPError
 from textnlp_jobs.inference import store
 from textnlp_jobs.inference.batcher import BatchedResult, MicroBatcher, PendingJob
 from textnlp_jobs.inference.continuous import ContinuousBatcher
@@ -60,12 +61,38 @@ class JobSpec:
 
 def engine_request(engine: Engine, spec: JobSpec, max_prompt_tokens: int) -> EngineRequest:
     """Tokenize ``spec`` with ``engine``'s tokenizer; refuse a prompt over the token limit."""
-    # A chat job's prompt is its messages as JSON (validation.py); the model's template renders them.
-    ids = engine.tokenize_chat(json.loads(spec.prompt)) if spec.chat else engine.tokenize(spec.prompt)
-    if len(ids) > max_prompt_tokens:
-        raise InputError("prompt", f"is {len(ids)} tokens, over the limit of {max_prompt_tokens} tokens",
-                         code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
-    return EngineRequest(ids, spec.max_new_tokens, spec.sampling, spec.seed)
+    outcome = engine_requests(engine, [spec], max_prompt_tokens)[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def engine_requests(engine: Engine, specs: Sequence[JobSpec],
+                    max_prompt_tokens: int) -> list[EngineRequest | Exception]:
+    """``engine_request`` for many jobs of one model, each its request or its own error (a prompt
+    over the limit, a tokenizer error). Plain prompts are tokenized in one call where the engine
+    can (``tokenize_many``)."""
+    plain = [i for i, spec in enumerate(specs) if not spec.chat]
+    many = getattr(engine, "tokenize_many", None)
+    ids_of: dict[int, list[int] | TextNLPError] = {}
+    if many is not None and len(plain) > 1:
+        ids_of.update(zip(plain, many([specs[i].prompt for i in plain]), strict=True))
+    out: list[EngineRequest | Exception] = []
+    for i, spec in enumerate(specs):
+        try:
+            ids = ids_of.get(i)
+            if ids is None:
+                # A chat job's prompt is its messages as JSON (validation.py); the model's template renders them.
+                ids = engine.tokenize_chat(json.loads(spec.prompt)) if spec.chat else engine.tokenize(spec.prompt)
+            if isinstance(ids, TextNLPError):
+                raise ids
+            if len(ids) > max_prompt_tokens:
+                raise InputError("prompt", f"is {len(ids)} tokens, over the limit of {max_prompt_tokens} tokens",
+                                 code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
+            out.append(EngineRequest(ids, spec.max_new_tokens, spec.sampling, spec.seed))
+        except Exception as error:  # this job only
+            out.append(error)
+    return out
 
 
 class EngineSide(Protocol):
@@ -190,15 +217,47 @@ class LocalEngineSide:
         self.batcher.stop()
 
     def submit(self, key: Any, model: str, spec: JobSpec) -> Future[BatchedResult]:
-        engine = self.engines.get(model)
-        if engine is None:
-            raise InputError("model", f"{model!r} is not loaded on {self.name}",
-                             code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE)
-        future = self.batcher.submit(key, model, engine_request(engine, spec, self.settings.max_prompt_tokens))
-        if self.watcher is not None:
-            watcher = self.watcher
-            future.add_done_callback(lambda done: None if done.exception() else watcher.used(model))
-        return future
+        return self.submit_many([(key, model, spec)])[0]
+
+    def submit_many(self, jobs: Sequence[tuple[Any, str, JobSpec]]) -> list[Future[BatchedResult]]:
+        """``submit`` for a message of jobs (the engine process gets them in lists): each model's
+        prompts are tokenized in one call and the jobs reach the loop together. A job refused at
+        once (a prompt over the limit, a model not loaded here, the loop stopping) gets a failed
+        future; the others are unaffected."""
+        requests: list[EngineRequest | Exception] = []
+        by_model: dict[str, list[int]] = {}
+        for index, (_, model, _) in enumerate(jobs):
+            by_model.setdefault(model, []).append(index)
+            requests.append(InputError("model", f"{model!r} is not loaded on {self.name}",
+                                       code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE))
+        for model, indices in by_model.items():
+            engine = self.engines.get(model)
+            if engine is not None:
+                made = engine_requests(engine, [jobs[i][2] for i in indices], self.settings.max_prompt_tokens)
+                for index, request in zip(indices, made, strict=True):
+                    requests[index] = request
+        accepted = [(jobs[i][0], jobs[i][1], request) for i, request in enumerate(requests)
+                    if isinstance(request, EngineRequest)]
+        try:
+            queued = iter(self.batcher.submit_many(accepted))
+        except Exception as stopping:  # WorkerShuttingDownError: none of them was queued
+            requests = [stopping if isinstance(request, EngineRequest) else request for request in requests]
+            queued = iter(())
+        futures: list[Future[BatchedResult]] = []
+        for (_, model, _), request in zip(jobs, requests, strict=True):
+            if isinstance(request, EngineRequest):
+                future = next(queued)
+                if self.watcher is not None:
+                    future.add_done_callback(functools.partial(self._used, model))
+            else:
+                future = Future()
+                future.set_exception(request)
+            futures.append(future)
+        return futures
+
+    def _used(self, model: str, done: Future[BatchedResult]) -> None:
+        if self.watcher is not None and not done.exception():
+            self.watcher.used(model)
 
     def _drop_filter(self, batch: Sequence[PendingJob]) -> set[object]:
         """The jobs of ``batch`` cancelled or past their deadline in the ledger (keys are
