@@ -18,7 +18,11 @@
 #      a larger max_batch_tokens), then the system (submit_many -> Redis -> one device worker ->
 #      PostgreSQL -> wait) with max_batch = the largest batch, on the uniform workload and the
 #      mixed one (--max-new-tokens-range 8:128); it prints system / best direct per workload;
-#   3. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
+#   3. the same at N=2048 on batches of 128 only (STEADY_ARGS; STEADY=0 skips it): on the H200 a
+#      512-job run of `small` lasts about half a second, so the system's fixed latency before its
+#      first job runs (validate and insert all N, publish, claim: tens of ms) is a tenth of it; four
+#      times the jobs show the steady rate beside it;
+#   4. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
 #      bench/.models/demo to skip training it).
 # Results (logs, BENCH_RESULT lines) are copied to $OUT when it is set. Exit status: the number of
 # failed steps.
@@ -67,10 +71,12 @@ if [ "$HAVE_GPU" = 1 ]; then
     DEVICE=${DEVICE:-cuda.0}
     SMALL_ARGS=${SMALL_ARGS:---model small --jobs 512 --batches 32,64,128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens 0,8192 --latency-seconds 0}
     DEMO_ARGS=${DEMO_ARGS:---model demo --jobs 512 --batches 32 --max-new-tokens 32 --hf-max-batch-tokens=, --latency-seconds 0 --torch-threads 2}
+    STEADY_ARGS=${STEADY_ARGS:---model small --jobs 2048 --batches 128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens 8192 --latency-seconds 0}
 else
     DEVICE=${DEVICE:-cpu.0}
     SMALL_ARGS=${SMALL_ARGS:---model tiny --jobs 24 --batches 4,8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
     DEMO_ARGS=${DEMO_ARGS:---model tiny --jobs 16 --batches 8 --max-new-tokens 8 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
+    STEADY_ARGS=${STEADY_ARGS:---model tiny --jobs 48 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
 fi
 
 # --- 0. carried wheels and servers ----------------------------------------------------------
@@ -143,6 +149,10 @@ for i in range(torch.cuda.device_count()):
 # --- 2. throughput on small, PostgreSQL + Redis ---------------------------------------------
 # shellcheck disable=SC2086  # the *_ARGS are word lists on purpose
 step bench-small "${SMALL_LIMIT:-240}" "$PY" bench/throughput.py $SMALL_ARGS --device "$DEVICE" "${SERVERS[@]}"
+if [ "${STEADY:-1}" != 0 ]; then
+    # shellcheck disable=SC2086
+    step bench-steady "${STEADY_LIMIT:-150}" "$PY" bench/throughput.py $STEADY_ARGS --device "$DEVICE" "${SERVERS[@]}"
+fi
 # DEMO_DEVICES="cuda.0 cpu.0": demo on the GPU and on this machine's CPU (overhead per job with no
 # other load on the CPUs; the 2-core development machine is shared and noisy).
 for demo_device in ${DEMO_DEVICES:-}; do

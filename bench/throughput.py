@@ -734,7 +734,7 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
     for r in results:
         for workload, figures in r["workloads"].items():
             ratio = _fmt(figures.get("system_vs_best_direct"), 3)
-            print(f"RATIO {r['model']} {workload}: system / best direct = {ratio}"
+            print(f"RATIO {r['model']} {workload} N={r['jobs']}: system / best direct = {ratio}"
                   f" (best: {(figures.get('best_direct') or {}).get('label', '-')}); overhead "
                   f"{_fmt(figures.get('overhead_ms_per_job'), 2)} ms/job")
 
