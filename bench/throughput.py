@@ -741,7 +741,7 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo", help="demo, small, narrow, launch or tiny; comma-separated for several")
+    parser.add_argument("--model", default="demo", help="demo, small, narrow, launch or tiny; comma-separated")
     parser.add_argument("--jobs", type=int, default=256, help="N: jobs for the batched runs")
     parser.add_argument("--batch", type=int, default=None,
                         help="B: the worker's max_batch (default: the largest of --batches)")
