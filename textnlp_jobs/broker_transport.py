@@ -124,26 +124,24 @@ class Channel(kombu_redis.Channel):
     _shared_client: Any = None
     _bulk_pop = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._acking: dict[str, Callable[[Any], Any]] = {}  # queue -> callback of a consumer that acks
+        super().__init__(*args, **kwargs)
+
     def basic_consume(self, queue: str, no_ack: bool, callback: Callable[[Any], Any], consumer_tag: str,
                       **kwargs: Any) -> Any:
         """As kombu's, and remember the callback of a consumer that acks, so a bulk pop can record
         its messages together (``_pop_more``) and hand each to it."""
         result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
         if not no_ack:
-            self._acking_consumers()[queue] = callback
+            self._acking[queue] = callback
         return result
 
     def basic_cancel(self, consumer_tag: str) -> Any:
         queue = self._tag_to_queue.get(consumer_tag)
         if queue is not None:
-            self._acking_consumers().pop(queue, None)
+            self._acking.pop(queue, None)
         return super().basic_cancel(consumer_tag)
-
-    def _acking_consumers(self) -> dict[str, Callable[[Any], Any]]:
-        consumers: dict[str, Callable[[Any], Any]] | None = self.__dict__.get("_acking")
-        if consumers is None:
-            consumers = self.__dict__["_acking"] = {}
-        return consumers
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """One client for the channel's synchronous work, not a new one per call: kombu builds a
@@ -219,8 +217,8 @@ class Channel(kombu_redis.Channel):
             self._bulk_pop = False
             return
         payloads = [payload for payload in (self._checked(item, queue) for item in items or ()) if payload is not None]
-        consumer = self._acking_consumers().get(queue)
-        if consumer is None or not isinstance(self.qos, QoS) or self.connection._callbacks.get(queue) is None:
+        consumer = self._acking.get(queue)
+        if consumer is None or not isinstance(self.qos, QoS):  # kombu's own QoS without ack emulation
             for payload in payloads:  # kombu's own path: one transaction per message
                 self.connection._deliver(payload, queue)
             return

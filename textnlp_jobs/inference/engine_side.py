@@ -59,19 +59,11 @@ class JobSpec:
                    params.get("seed"))
 
 
-def engine_request(engine: Engine, spec: JobSpec, max_prompt_tokens: int) -> EngineRequest:
-    """Tokenize ``spec`` with ``engine``'s tokenizer; refuse a prompt over the token limit."""
-    outcome = engine_requests(engine, [spec], max_prompt_tokens)[0]
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
-
-
 def engine_requests(engine: Engine, specs: Sequence[JobSpec],
                     max_prompt_tokens: int) -> list[EngineRequest | Exception]:
-    """``engine_request`` for many jobs of one model, each its request or its own error (a prompt
-    over the limit, a tokenizer error). Plain prompts are tokenized in one call where the engine
-    can (``tokenize_many``)."""
+    """Tokenize each job of one model with ``engine``'s tokenizer: each job's request, or its own
+    error (a prompt over the token limit, a tokenizer error). Plain prompts are tokenized in one
+    call where the engine can (``tokenize_many``)."""
     plain = [i for i, spec in enumerate(specs) if not spec.chat]
     many = getattr(engine, "tokenize_many", None)
     ids_of: dict[int, list[int] | TextNLPError] = {}
@@ -224,18 +216,19 @@ class LocalEngineSide:
         prompts are tokenized in one call and the jobs reach the loop together. A job refused at
         once (a prompt over the limit, a model not loaded here, the loop stopping) gets a failed
         future; the others are unaffected."""
-        requests: list[EngineRequest | Exception] = []
         by_model: dict[str, list[int]] = {}
         for index, (_, model, _) in enumerate(jobs):
             by_model.setdefault(model, []).append(index)
-            requests.append(InputError("model", f"{model!r} is not loaded on {self.name}",
-                                       code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE))
+        made_for: dict[int, EngineRequest | Exception] = {}
         for model, indices in by_model.items():
             engine = self.engines.get(model)
-            if engine is not None:
-                made = engine_requests(engine, [jobs[i][2] for i in indices], self.settings.max_prompt_tokens)
-                for index, request in zip(indices, made, strict=True):
-                    requests[index] = request
+            made: list[EngineRequest | Exception] = (
+                engine_requests(engine, [jobs[i][2] for i in indices], self.settings.max_prompt_tokens)
+                if engine is not None else
+                [InputError("model", f"{model!r} is not loaded on {self.name}",
+                            code=ErrorCode.INPUT_MODEL_NOT_ON_DEVICE) for _ in indices])
+            made_for.update(zip(indices, made, strict=True))
+        requests = [made_for[index] for index in range(len(jobs))]
         accepted = [(jobs[i][0], jobs[i][1], request) for i, request in enumerate(requests)
                     if isinstance(request, EngineRequest)]
         try:
