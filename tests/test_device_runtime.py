@@ -101,3 +101,35 @@ def test_a_job_waiting_when_the_worker_stops_goes_back_to_the_queue_and_is_repub
     after = client.get(job.id)
     assert (after.status, after.attempts) == ("queued", 0)
     assert [r.id for r in republished] == [job.id]  # type: ignore[attr-defined]
+
+
+def test_the_drop_check_names_exactly_the_claims_not_worth_generating(stack: LocalStack) -> None:
+    """Cancelled, re-leased (another attempt owns the row), past its deadline, or unknown: gone.
+    Claimed and on time, with or without a deadline: kept."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from textnlp_jobs.db import repository as repo
+    from textnlp_jobs.db.models import Generation
+
+    client = Client(stack.settings())
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    jobs = client.submit_many([{"prompt": f"Return a new list {i}", "model": "demo", "deadline": soon}
+                               for i in range(3)] + [{"prompt": f"Raise an exception if {i}", "model": "demo"}
+                                                     for i in range(3)])
+    ids = [job.id for job in jobs]
+    with client.sessions.begin() as session:
+        claimed = repo.claim_many(session, ids, "test/cpu.0", 600)
+    assert all(outcome.job is not None for outcome in claimed.values())
+    cancelled, overdue, kept_with_deadline, released, kept, _ = ids
+    client.cancel(cancelled)
+    with client.sessions.begin() as session:
+        session.execute(update(Generation).where(Generation.id == overdue)
+                        .values(deadline=datetime.now(UTC) - timedelta(seconds=1)))
+        session.execute(update(Generation).where(Generation.id == released).values(attempts=2))
+    unknown = uuid.uuid4()
+    with client.sessions() as session:
+        gone = repo.cancelled_or_overdue(session, [(job_id, 1) for job_id in ids] + [(unknown, 1)])
+    assert gone == {cancelled, overdue, released, unknown}
+    assert kept_with_deadline not in gone and kept not in gone

@@ -66,9 +66,22 @@ def test_every_job_gets_at_least_one_token_and_text(engine: TransformersEngine) 
 
 
 def test_prompts_tokenized_together_get_the_ids_they_get_alone(engine: TransformersEngine) -> None:
-    prompts = [*PROMPTS, "naïve café — 東京 🚀", "  leading and trailing  ", "tab\tand\nnewline"]
+    prompts = [*PROMPTS, "naïve café — 東京 🚀", "  leading and trailing  ", "tab\tand\nnewline",
+               f"ends here{engine.tokenizer.eos_token} and goes on"]
+    assert engine._plain_backend() is not None  # the fast path, straight to the Rust tokenizer
     together = engine.tokenize_many(prompts)
     assert together == [engine.tokenize(p) for p in prompts]
+
+
+def test_a_tokenizer_configured_to_truncate_is_called_through_transformers(engine: TransformersEngine) -> None:
+    prompts = [*PROMPTS, "a longer prompt that the backend alone would cut short after a few tokens"]
+    alone = [engine.tokenize(p) for p in prompts]
+    engine.tokenizer.backend_tokenizer.enable_truncation(max_length=3)
+    try:
+        assert engine._plain_backend() is None
+        assert engine.tokenize_many(prompts) == alone  # transformers resets the backend's truncation
+    finally:
+        engine.tokenizer.backend_tokenizer.no_truncation()
 
 
 def test_a_prompt_without_tokens_fails_alone_when_tokenized_with_others(engine: TransformersEngine) -> None:

@@ -3,15 +3,17 @@ parameters), no job accepted that can never run, and a job that exists is never 
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
 
 from textnlp_jobs.client import Client
 from textnlp_jobs.db import device_workers
-from textnlp_jobs.db.models import Generation
+from textnlp_jobs.db.models import Generation, Prompt
 from textnlp_jobs.devices import Device
 from textnlp_jobs.errors import IdempotencyConflictError, InputError
 from textnlp_jobs.local_stack import REPO_ROOT, LocalStack, scratch_postgres
@@ -54,6 +56,38 @@ def test_a_bulk_call_over_many_insert_batches_creates_every_job_and_one_message_
     jobs = client.submit_many([{"prompt": f"Return a new list {i}", "model": "demo"} for i in range(2_500)])
     assert len({job.id for job in jobs}) == 2_500 == rows(client)
     assert messages_in_broker(stack.env["TEXTNLP_BROKER_URL"]) == 2_500
+
+
+def test_every_field_of_a_bulk_call_is_stored_as_submitted(stack: LocalStack) -> None:
+    client = Client(stack.settings())
+    register_device(client, "cpu.0", ["demo"])
+    deadline = datetime.now(UTC) + timedelta(hours=2)
+    specs: list[dict[str, object]] = [
+        {"prompt": "Return a new list", "model": "demo"},
+        {"prompt": "naïve café — 東京 🚀 \"quoted\" back\\slash\n{json: [1]}", "model": "demo", "max_new_tokens": 7,
+         "temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 11, "priority": 9, "max_attempts": 5,
+         "idempotency_key": "bulk-1", "deadline": deadline, "device": "cpu.0"},
+        {"prompt": "Raise an exception if", "model": "tiny", "temperature": 0.5},  # a drawn seed is stored
+    ]
+    returned = client.submit_many(specs)
+    assert [client.get(job.id) for job in returned] == returned
+    with client.sessions() as session:
+        stored = session.execute(
+            select(Prompt.text, Prompt.sha256, Prompt.byte_length, Prompt.token_count, Generation.prompt_tokens)
+            .join(Generation, Generation.prompt_id == Prompt.id).where(Generation.id.in_([j.id for j in returned]))
+            .order_by(Generation.priority, Generation.model)
+        ).all()
+    for spec, (text, sha256, byte_length, token_count, prompt_tokens) in zip(
+            [specs[0], specs[2], specs[1]], stored, strict=True):
+        raw = str(spec["prompt"]).encode("utf-8")
+        assert (text, sha256, byte_length) == (spec["prompt"], hashlib.sha256(raw).hexdigest(), len(raw))
+        # counted together, as one by one
+        assert token_count == prompt_tokens == client._count_tokens(str(spec["model"]), str(spec["prompt"]))
+    pinned = returned[1]
+    assert (pinned.priority, pinned.max_attempts, pinned.idempotency_key, pinned.device, pinned.deadline) == (
+        9, 5, "bulk-1", f"{TEST_NODE}/cpu.0", deadline)
+    assert pinned.params == {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 11}
+    assert returned[2].params["seed"] is not None and returned[0].params["seed"] is None
 
 
 def test_one_key_three_times_in_one_call_is_one_row_and_one_message(stack: LocalStack) -> None:

@@ -136,9 +136,10 @@ class Client:
     def _validate(self, specs: builtins.list[dict[str, Any]]) -> builtins.list[repo.NewJob]:
         validated = []
         devices: dict[str, builtins.list[str]] | None = None
+        count_tokens = self._counted_together(specs) if len(specs) > 1 else self._count_tokens
         for index, spec in enumerate(specs):
             try:
-                job = validate_job(spec, self.settings, self._known_models(), self._count_tokens,
+                job = validate_job(spec, self.settings, self._known_models(), count_tokens,
                                    self._max_positions, self._has_chat_template)
                 if job.device is not None:
                     if devices is None:
@@ -273,9 +274,9 @@ class Client:
                 self._positions[key] = store.max_positions(Path(resolved.path))
             return self._positions[key]
 
-    def _count_tokens(self, model: str, prompt: str) -> int | None:
-        """Tokens in ``prompt`` by the model's own tokenizer, when this producer can read the
-        model store; otherwise None and the worker enforces the token limit."""
+    def _tokenizer(self, model: str) -> Any:
+        """The model's own tokenizer (the ``tokenizers`` library, no transformers) when this producer
+        can read the model store; otherwise None and the worker enforces the token limit."""
         resolved = self._resolved_models().get(model)
         if resolved is None:
             return None
@@ -289,7 +290,44 @@ class Client:
                 from tokenizers import Tokenizer
 
                 tokenizer = self._tokenizers[key] = Tokenizer.from_file(str(path))
-        return len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+        return tokenizer
+
+    def _count_tokens(self, model: str, prompt: str) -> int | None:
+        """Tokens in ``prompt`` by the model's own tokenizer, or None (see ``_tokenizer``)."""
+        tokenizer = self._tokenizer(model)
+        return None if tokenizer is None else len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+
+    def _counted_together(self, specs: builtins.list[Any]) -> Callable[[str, str], int | None]:
+        """``_count_tokens`` for a submit_many: the plain prompts of each model are counted in one
+        ``encode_batch`` (Rust, in parallel, without the GIL), a third of the time of one encode
+        per prompt, and every job of the call waits for validation before the first is queued.
+        Anything not counted here (chat jobs, prompts validation will refuse anyway, a batch the
+        tokenizer rejects) is counted one by one as before."""
+        by_model: dict[str, set[str]] = {}
+        for spec in specs:
+            if not isinstance(spec, dict) or spec.get("messages") is not None:
+                continue
+            prompt, model = spec.get("prompt"), spec.get("model")
+            # Longer than the byte limit in characters: refused before counting, so never counted.
+            if isinstance(prompt, str) and isinstance(model, str) and len(prompt) <= self.settings.max_prompt_bytes:
+                by_model.setdefault(model, set()).add(prompt)
+        counted: dict[tuple[str, str], int] = {}
+        for model, unique in by_model.items():
+            tokenizer = self._tokenizer(model) if len(unique) > 1 else None
+            if tokenizer is None:
+                continue
+            prompts = builtins.list(unique)
+            try:
+                encoded = tokenizer.encode_batch(prompts, add_special_tokens=False)
+            except Exception:  # e.g. a lone surrogate: validation names it, one job at a time
+                continue
+            counted.update(((model, prompt), len(e.ids)) for prompt, e in zip(prompts, encoded, strict=True))
+
+        def count(model: str, prompt: str) -> int | None:
+            found = counted.get((model, prompt))
+            return found if found is not None else self._count_tokens(model, prompt)
+
+        return count
 
 
 _default: Client | None = None

@@ -9,6 +9,7 @@ no row to update and writes nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -203,7 +204,9 @@ def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
         if job.idempotency_key:
             seen_keys[job.idempotency_key] = job
         fresh.append(job)
-    if fresh:
+    if fresh and session.get_bind().dialect.name == "postgresql":
+        _insert_fresh_postgres(session, fresh, now)
+    elif fresh:  # SQLite (embedded): the ORM's batched INSERTs
         prompt_rows = []
         generation_rows = []
         for job in fresh:
@@ -233,6 +236,47 @@ def insert_jobs(session: Session, jobs: Sequence[NewJob]) -> list[Job]:
         else:
             out.append(by_id[job.id])
     return out
+
+
+# New jobs on PostgreSQL: both tables in ONE statement of fixed text, the rows travelling as one
+# JSON document (json_to_recordset). Every job of a submit_many waits for this commit before the
+# first message goes out; the ORM's executemany of the same rows cost 0.15 ms per job on the
+# development machine, and arrays per column (unnest) still 0.09 ms, most of it psycopg quoting
+# array elements in Python, where one json.dumps runs in C. Validation has already refused NUL
+# characters, the one thing JSON text cannot carry into PostgreSQL. The writable CTE's INSERT and
+# the outer one share a snapshot, but the foreign key is checked at the end of the statement, when
+# the prompts are there.
+_INSERT_JOBS = text(f"""
+WITH v AS (
+    SELECT * FROM json_to_recordset(CAST(:rows AS json))
+        AS v(id uuid, prompt_id uuid, text text, sha256 varchar, byte_length integer, token_count integer,
+             model varchar, params jsonb, max_new_tokens integer, priority smallint, device varchar,
+             idempotency_key varchar, max_attempts integer, deadline timestamptz)
+), p AS (
+    INSERT INTO {Prompt.__tablename__} (id, text, sha256, byte_length, token_count, created_at)
+    SELECT prompt_id, text, sha256, byte_length, token_count, :now FROM v
+)
+INSERT INTO {Generation.__tablename__} (id, prompt_id, model, params, max_new_tokens, status, priority, device,
+                                        idempotency_key, attempts, max_attempts, deadline, prompt_tokens,
+                                        archived, created_at, updated_at)
+SELECT id, prompt_id, model, params, max_new_tokens, :queued, priority, device, idempotency_key, 0,
+       max_attempts, deadline, token_count, false, :now, :now
+  FROM v
+""")
+
+
+def _insert_fresh_postgres(session: Session, jobs: Sequence[NewJob], now: datetime) -> None:
+    rows = []
+    for job in jobs:
+        raw = job.prompt.encode("utf-8")
+        rows.append({
+            "id": str(job.id), "prompt_id": str(uuid.uuid4()), "text": job.prompt,
+            "sha256": hashlib.sha256(raw).hexdigest(), "byte_length": len(raw), "token_count": job.prompt_tokens,
+            "model": job.model, "params": job.params, "max_new_tokens": job.max_new_tokens,
+            "priority": job.priority, "device": job.device, "idempotency_key": job.idempotency_key,
+            "max_attempts": job.max_attempts, "deadline": job.deadline.isoformat() if job.deadline else None,
+        })
+    session.execute(_INSERT_JOBS, {"rows": json.dumps(rows), "queued": JobStatus.QUEUED.value, "now": now})
 
 
 def _new_record(job: NewJob, created_at: datetime) -> Job:
@@ -559,13 +603,32 @@ def release(session: Session, job_id: uuid.UUID, attempt: int) -> Routing | None
     return Routing(row.id, row.model, row.device, row.priority) if row else None
 
 
+# The device loop's cancel and deadline check, every quarter second for every waiting and decoding
+# job of a device (hundreds): the server returns only the jobs no longer worth generating (usually
+# none), and the ids travel as one comma-joined text. The ORM query read every row back and
+# converted each id both ways, about 9 µs of the engine process's GIL per job and check, taken from
+# the decode loop beside it.
+_NOT_WORTH_GENERATING = text(f"""
+SELECT v.id
+  FROM unnest(CAST(string_to_array(:ids, ',') AS uuid[]), CAST(string_to_array(:attempts, ',') AS integer[]))
+       AS v(id, attempt)
+  LEFT JOIN {Generation.__tablename__} AS g ON g.id = v.id
+ WHERE g.id IS NULL OR g.status <> :running OR g.attempts <> v.attempt OR g.deadline <= :now
+""").columns(Generation.id)
+
+
 def cancelled_or_overdue(session: Session, claims: Sequence[tuple[uuid.UUID, int]]) -> set[uuid.UUID]:
     """Of these claimed attempts, the ones no longer worth generating (cancelled, re-leased,
     or past their deadline). One query for a whole batch."""
     if not claims:
         return set()
     now = utcnow()
-    attempts = dict(claims)
+    if session.get_bind().dialect.name == "postgresql":
+        ids, numbers = zip(*claims, strict=True)
+        return set(session.execute(_NOT_WORTH_GENERATING, {
+            "ids": ",".join(map(str, ids)), "attempts": ",".join(map(str, numbers)),
+            "running": JobStatus.RUNNING.value, "now": now}).scalars())
+    attempts = dict(claims)  # SQLite (embedded): read them and decide here
     rows = session.execute(
         select(Generation.id, Generation.status, Generation.attempts, Generation.deadline)
         .where(_id_in(session, Generation.id, list(attempts)))

@@ -213,11 +213,28 @@ class TransformersEngine:
         if len(prompts) < 2:
             return [self._tokenize_or_error(prompt) for prompt in prompts]
         try:
-            encoded = self.tokenizer(list(prompts), add_special_tokens=False, return_attention_mask=False,
-                                     return_token_type_ids=False)["input_ids"]
+            backend = self._plain_backend()
+            if backend is not None:
+                encoded = [encoding.ids for encoding in backend.encode_batch(list(prompts), add_special_tokens=False)]
+            else:
+                encoded = self.tokenizer(list(prompts), add_special_tokens=False, return_attention_mask=False,
+                                         return_token_type_ids=False)["input_ids"]
         except Exception:  # one prompt the tokenizer refuses: find it, one by one
             return [self._tokenize_or_error(prompt) for prompt in prompts]
         return [list(ids) if len(ids) else TokenizationError("prompt has no tokens") for ids in encoded]
+
+    def _plain_backend(self) -> Any:
+        """The fast tokenizer's Rust backend, when calling it directly gives what the transformers
+        call gives: no truncation or padding configured on it and special tokens handled the same
+        way. transformers then only converts each encoding to a dict, in Python, holding the GIL
+        (about 0.1 ms a prompt on the development machine, taken from the decode loop beside it).
+        None otherwise (a slow tokenizer, or one configured differently)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            return None
+        if bool(getattr(self.tokenizer, "split_special_tokens", False)) != bool(backend.encode_special_tokens):
+            return None
+        return backend
 
     def _tokenize_or_error(self, prompt: str) -> list[int] | TokenizationError:
         try:
