@@ -4,7 +4,9 @@
 # process); everything else on CPU 0 (PostgreSQL, Redis, the benchmark's client, the worker, and
 # the engine process's other threads: job intake and tokenization, results, drop checks).
 # Unpinned, those steal the loop's only core, which a 16-core GPU host never does: there they
-# slow the loop only by holding the GIL, and that is what this split leaves in.
+# slow the loop only by holding the GIL, and that is what this split leaves in. Its limit: CPU 0 is
+# oversubscribed, so a thread holding the GIL there can be descheduled while the loop waits for
+# it, which a 16-core host rarely does; results move a lot from run to run (bench/README.md).
 #
 #   bash bench/pinned.sh --model launch --jobs 1024 --batch 128 --batches 128 \
 #       --max-new-tokens-range 8:128 --hf-max-batch-tokens= --latency-seconds 0 --torch-threads 1

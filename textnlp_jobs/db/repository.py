@@ -276,7 +276,10 @@ def _insert_fresh_postgres(session: Session, jobs: Sequence[NewJob], now: dateti
             "priority": job.priority, "device": job.device, "idempotency_key": job.idempotency_key,
             "max_attempts": job.max_attempts, "deadline": job.deadline.isoformat() if job.deadline else None,
         })
-    session.execute(_INSERT_JOBS, {"rows": json.dumps(rows), "queued": JobStatus.QUEUED.value, "now": now})
+    # Characters as they are (UTF-8, as any text parameter travels), not as \u escapes, which
+    # PostgreSQL refuses to turn into text above U+007F in a database not encoded in UTF-8.
+    document = json.dumps(rows, ensure_ascii=False)
+    session.execute(_INSERT_JOBS, {"rows": document, "queued": JobStatus.QUEUED.value, "now": now})
 
 
 def _new_record(job: NewJob, created_at: datetime) -> Job:
