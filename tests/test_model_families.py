@@ -68,6 +68,7 @@ def test_llama_qwen2_and_no_pad_token_models_serve_batched_jobs_with_the_greedy_
         assert [j.status for j in results] == ["succeeded"] * len(prompts), worker.log_tail()
         assert max(j.batch_size or 0 for j in results) > 1, name  # they rode together
         engine = TransformersEngine(name, "v", family_dirs[name])
+        assert engine.tokenize_many(prompts) == [engine.tokenize(p) for p in prompts], name  # the worker's way
         expected = alone(family_dirs[name], [engine.tokenize(p) for p in prompts], 10)
         assert [j.text for j in results] == [decoded(engine, ids) for ids in expected], name
         assert {j.model_version for j in results} == {family_dirs_version(settings, name)}

@@ -299,7 +299,7 @@ class Client:
 
     def _counted_together(self, specs: builtins.list[Any]) -> Callable[[str, str], int | None]:
         """``_count_tokens`` for a submit_many: the plain prompts of each model are counted in one
-        ``encode_batch`` (Rust, in parallel, without the GIL), a third of the time of one encode
+        ``encode_batch`` (Rust, in parallel, without the GIL), about half the time of one encode
         per prompt, and every job of the call waits for validation before the first is queued.
         Anything not counted here (chat jobs, prompts validation will refuse anyway, a batch the
         tokenizer rejects) is counted one by one as before."""
