@@ -12,7 +12,8 @@
 #       --max-new-tokens-range 8:128 --hf-max-batch-tokens= --latency-seconds 0 --torch-threads 1
 #
 # After each system run it prints the CPU time of the worker's and the engine process's threads
-# during that run (from /proc; thread names from py-spy where it is installed). Needs taskset.
+# during that run (from /proc). Needs taskset, and py-spy (pip install py-spy) to find the loop
+# thread and name threads; without it the whole engine process gets CPU 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -42,7 +43,6 @@ role_of() {  # worker, engine (the worker's spawn child) or other
 
 pin_loop_thread() {  # the engine process's device loop thread to CPU 1, once it has started
   local pid=$1 line
-  [ -x "$PY_SPY" ] || { echo "pinned.sh needs py-spy to find the loop thread" >&2; return; }
   while kill -0 "$pid" 2>/dev/null; do
     while read -r line; do
       if [[ $line =~ ^Thread\ ([0-9]+)\ \(.*\):\ \"(continuous|batcher)- ]]; then
@@ -63,8 +63,13 @@ pin_loop() {  # pin each new process under the benchmark, until it ends
       [ -z "${seen[$pid]:-}" ] || continue
       seen[$pid]=1
       case $(role_of "$pid") in
-        engine) taskset -a -p 1 "$pid" >/dev/null 2>&1 || true
-                pin_loop_thread "$pid" & ;;
+        engine) if [ -x "$PY_SPY" ]; then
+                  taskset -a -p 1 "$pid" >/dev/null 2>&1 || true
+                  pin_loop_thread "$pid" &
+                else  # the loop thread cannot be found: the whole engine process gets CPU 1
+                  echo "[pinned] no py-spy: engine $pid, all its threads, on CPU 1" >&2
+                  taskset -a -p 2 "$pid" >/dev/null 2>&1 || true
+                fi ;;
         worker) taskset -a -p 1 "$pid" >/dev/null 2>&1 || true
                 taskset -a -p 1 "$bench" >/dev/null 2>&1 || true ;;  # its direct runs are over
         *) taskset -a -p 1 "$pid" >/dev/null 2>&1 || true ;;
