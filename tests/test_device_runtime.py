@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import update
 
 from textnlp_jobs.client import Client
+from textnlp_jobs.db import repository as repo
+from textnlp_jobs.db.models import Generation
 from textnlp_jobs.inference.device import DeviceRuntime
 from textnlp_jobs.inference.engine import StubEngine
 from textnlp_jobs.local_stack import LocalStack
@@ -106,13 +110,6 @@ def test_a_job_waiting_when_the_worker_stops_goes_back_to_the_queue_and_is_repub
 def test_the_drop_check_names_exactly_the_claims_not_worth_generating(stack: LocalStack) -> None:
     """Cancelled, re-leased (another attempt owns the row), past its deadline, or unknown: gone.
     Claimed and on time, with or without a deadline: kept."""
-    from datetime import UTC, datetime, timedelta
-
-    from sqlalchemy import update
-
-    from textnlp_jobs.db import repository as repo
-    from textnlp_jobs.db.models import Generation
-
     client = Client(stack.settings())
     soon = datetime.now(UTC) + timedelta(hours=1)
     jobs = client.submit_many([{"prompt": f"Return a new list {i}", "model": "demo", "deadline": soon}

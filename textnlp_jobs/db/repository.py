@@ -609,7 +609,7 @@ def release(session: Session, job_id: uuid.UUID, attempt: int) -> Routing | None
 # The device loop's cancel and deadline check, every quarter second for every waiting and decoding
 # job of a device (hundreds): the server returns only the jobs no longer worth generating (usually
 # none), and the ids travel as one comma-joined text. The ORM query read every row back and
-# converted each id both ways, about 9 µs of the engine process's GIL per job and check, taken from
+# converted each id both ways, about 17 µs of the engine process's GIL per job and check, taken from
 # the decode loop beside it.
 _NOT_WORTH_GENERATING = text(f"""
 SELECT v.id
