@@ -13,7 +13,7 @@ job draws the same numbers whatever batch it rides in.
 Why not transformers' ``ContinuousBatchingManager``: its sampling is one ``do_sample`` for the
 whole manager with one global RNG seed (no per-request seed, so a seeded job's text would depend
 on its neighbours), its log-probabilities are those after temperature/top-k (not the model's),
-and its API changed between the 5.17 on the GPU machine and the 5.24 here. It stays in
+and its API changed between the 5.17 on the GPU machine and the 5.24–5.25 here. It stays in
 bench/throughput.py as a direct baseline.
 """
 
@@ -85,6 +85,10 @@ class TransformersDecoder:
         # skips the rest of the prompt (half the time of a 128-row start on the CPU).
         accepts = inspect.signature(engine.model.forward).parameters
         self.prefill_options = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        # transformers 5.25 renamed the forward's ``past_key_values`` to ``cache``: the old name
+        # still works there with a FutureWarning and is to be removed in 5.40 (earlier 5.x, such
+        # as the GPU machine's, know only the old one).
+        self.cache_keyword = "cache" if "cache" in accepts else "past_key_values"
 
     def __len__(self) -> int:
         return sum(1 for row in self.rows if not row.done)
@@ -111,7 +115,7 @@ class TransformersDecoder:
         cache = self._new_cache()
         with self._guard(len(rows)), torch.inference_mode():
             output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True, **self.prefill_options)
+                                  use_cache=True, **{self.cache_keyword: cache}, **self.prefill_options)
             chosen = self._choose(output.logits[:, -1, :], new)
         if any(row.done for row in self.rows):
             self._keep([i for i, row in enumerate(self.rows) if not row.done])
@@ -136,8 +140,8 @@ class TransformersDecoder:
         with self._guard(len(self.rows)), torch.inference_mode():
             # The cache grows in place by one column per layer, as in generate().
             output = self.engine.model(input_ids=self.last.unsqueeze(1), attention_mask=mask,
-                                       position_ids=self.positions.unsqueeze(1), past_key_values=self.cache,
-                                       use_cache=True)
+                                       position_ids=self.positions.unsqueeze(1), use_cache=True,
+                                       **{self.cache_keyword: self.cache})
             self.last = self._choose(output.logits[:, -1, :], self.rows)
         self.mask = mask
         self.positions = self.positions + self.alive  # a row that left stays put (within its positions)
