@@ -281,7 +281,7 @@ class Stack:
     """A scratch ledger and broker, the model registered, and helpers to run one worker on it."""
 
     def __init__(self, exits: ExitStack, *, name: str, model_path: Path, device: str, embedded: bool,
-                 torch_threads: int | None, worker_concurrency: int | None,
+                 torch_threads: int | None, worker_concurrency: int | None, group_spacing_ms: float | None = None,
                  postgres: str = "postgresql+psycopg://postgres@127.0.0.1:5432",
                  redis: str = "127.0.0.1:6379") -> None:
         from textnlp_jobs import local_stack
@@ -301,6 +301,8 @@ class Stack:
             "TEXTNLP_NODE_NAME": NODE,
             "TEXTNLP_PLACEMENT": json.dumps({"*": [name]}),
         }
+        if group_spacing_ms is not None:
+            env["TEXTNLP_GROUP_SPACING_MS"] = str(group_spacing_ms)
         if not embedded:
             env["TEXTNLP_DATABASE_URL"] = exits.enter_context(local_stack.scratch_postgres(postgres))
             host, _, port = redis.partition(":")
@@ -560,7 +562,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with ExitStack() as exits:
         stack = Stack(exits, name=name, model_path=path, device=args.device, embedded=args.embedded,
                       torch_threads=args.torch_threads, worker_concurrency=args.worker_concurrency,
-                      postgres=args.postgres, redis=args.redis)
+                      group_spacing_ms=args.group_spacing_ms, postgres=args.postgres, redis=args.redis)
         mode = "embedded (SQLite + filesystem broker)" if args.embedded else "PostgreSQL + Redis"
         result["stack"] = mode
         say(f"{name}: scratch stack {mode}, workdir {stack.workdir}")
@@ -768,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads in this process AND the worker (default: torch's own default)")
     parser.add_argument("--worker-concurrency", type=int, default=None,
                         help="task threads of the batched worker (default: the worker's own, = max_batch)")
+    parser.add_argument("--group-spacing-ms", type=float, default=None,
+                        help="the worker's TEXTNLP_GROUP_SPACING_MS (default: the setting's own, 25)")
     args = parser.parse_args(argv)
     args.batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
     if args.batch is None:

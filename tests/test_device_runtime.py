@@ -130,3 +130,28 @@ def test_the_drop_check_names_exactly_the_claims_not_worth_generating(stack: Loc
         gone = repo.cancelled_or_overdue(session, [(job_id, 1) for job_id in ids] + [(unknown, 1)])
     assert gone == {cancelled, overdue, released, unknown}
     assert kept_with_deadline not in gone and kept not in gone
+
+
+def test_jobs_delivered_one_by_one_under_load_share_one_claim(stack: LocalStack) -> None:
+    # A mixed workload's rows free one or two per decode step, so deliveries trickle in; each
+    # claim is a transaction whatever its size, so under load they are gathered (groups.py).
+    client = Client(stack.settings(group_spacing_ms=1_000))
+    jobs = client.submit_many(job_specs(6))
+    runtime = start_runtime(client, StubEngine("demo"))
+    claims: list[int] = []
+    claim_group = runtime._claim_group
+    runtime._claim_group = lambda ids: claims.append(len(ids)) or claim_group(ids)  # type: ignore[method-assign]
+    outcomes: dict[uuid.UUID, str] = {}
+    try:
+        assert runtime.run_job(jobs[0].id) == "succeeded"  # after a quiet spell: claimed at once, alone
+        threads = []
+        for job in jobs[1:]:
+            threads.append(run_in_thread(runtime, job.id, outcomes))
+            time.sleep(0.02)
+        for thread in threads:
+            thread.join(60)
+    finally:
+        runtime.stop()
+    assert claims == [1, 5]
+    assert set(outcomes.values()) == {"succeeded"} and len(outcomes) == 5
+    assert result_writes(client, [j.id for j in jobs]) == {str(j.id): 1 for j in jobs}

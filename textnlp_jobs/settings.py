@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # A device worker runs its models and batching loop in a child process (inference/engine_process.py),
     # so Celery, ledger and broker work never holds the GIL its decode loop needs. False: one process.
     engine_process: bool = True
+    # Under load a device worker starts a claim, or a result write, at most once per this many
+    # milliseconds, so jobs that trickle in or finish one by one share statements (groups.py).
+    # An item after a quiet spell goes at once; 0 groups only what waited while the last ran.
+    group_spacing_ms: float = Field(25.0, ge=0, le=1_000)
 
     task_events: bool = False
 

@@ -72,9 +72,11 @@ class DeviceRuntime:
         self.engine_side: EngineSide = (LocalEngineSide(settings, factory, engines, name=worker_name)
                                         if isinstance(engines, dict) else engines)
         # Claim what arrived together, record what finished together (``deliver``).
-        self.intake: GroupRunner[tuple[uuid.UUID, Done], None] = GroupRunner("intake", self._start_group)
+        spacing = settings.group_spacing_ms / 1000.0
+        self.intake: GroupRunner[tuple[uuid.UUID, Done], None] = GroupRunner(
+            "intake", self._start_group, spacing=spacing)
         self.finishing: GroupRunner[tuple[Key, Future[BatchedResult]], None] = GroupRunner(
-            "finish", self._finish_group)
+            "finish", self._finish_group, spacing=spacing)
         self._in_flight: dict[Key, tuple[repo.ClaimedJob, Done, float]] = {}
         self._in_flight_lock = threading.Lock()
         self._claiming = 0
