@@ -1,5 +1,6 @@
 """Group commit (inference/groups.py): a trickle of items under load is gathered into groups,
-while an item after a quiet spell, and everything at shutdown, runs at once."""
+while an item after a quiet spell, the group right after it, and everything at shutdown run at
+once."""
 
 from __future__ import annotations
 
@@ -34,15 +35,31 @@ def test_an_item_after_a_quiet_spell_runs_alone_at_once() -> None:
         runner.stop(timeout=10)
 
 
-def test_items_trickling_in_within_the_spacing_share_one_group() -> None:
+def test_items_trickling_in_under_load_share_one_group() -> None:
     recorder = Recorder()
     runner = GroupRunner("test", recorder.work, spacing=1.0)
     runner.start()
     try:
-        runner.submit("a").result(timeout=10)  # starts the spacing
-        futures = [runner.submit(item) for item in "bcd"]  # each alone would be a group of one
-        assert [f.result(timeout=10) for f in futures] == ["B", "C", "D"]
-        assert recorder.groups == [["a"], ["b", "c", "d"]]
+        runner.submit("a").result(timeout=10)  # after a quiet spell: at once
+        runner.submit("b").result(timeout=10)  # the group after it: at once too (a burst's rest)
+        futures = [runner.submit(item) for item in "cde"]  # under load now: each alone would be a group
+        assert [f.result(timeout=10) for f in futures] == ["C", "D", "E"]
+        assert recorder.groups == [["a"], ["b"], ["c", "d", "e"]]
+    finally:
+        runner.stop(timeout=10)
+
+
+def test_the_rest_of_a_burst_does_not_wait_for_the_spacing_behind_its_first_item() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    runner = GroupRunner("test", recorder.work, spacing=3600.0)  # an hour: waiting would time out
+    runner.start()
+    try:
+        first = runner.submit("a")  # reaches an idle runner alone, like a burst's first message
+        rest = [runner.submit(item) for item in "bc"]
+        recorder.gate.set()
+        assert [f.result(timeout=10) for f in [first, *rest]] == ["A", "B", "C"]
+        assert len(recorder.groups) <= 2
     finally:
         runner.stop(timeout=10)
 
@@ -68,9 +85,10 @@ def test_a_full_group_and_a_stopping_runner_do_not_wait_for_the_spacing() -> Non
     runner = GroupRunner("test", recorder.work, max_group=3, spacing=3600.0)
     runner.start()
     runner.submit("a").result(timeout=10)
-    full = [runner.submit(item) for item in "bcd"]  # max_group reached: runs without waiting
-    assert [f.result(timeout=10) for f in full] == ["B", "C", "D"]
-    late = runner.submit("e")  # would wait an hour for its spacing; stopping runs it now
+    runner.submit("b").result(timeout=10)  # under load from here on
+    full = [runner.submit(item) for item in "cde"]  # max_group reached: runs without waiting
+    assert [f.result(timeout=10) for f in full] == ["C", "D", "E"]
+    late = runner.submit("f")  # would wait an hour for its spacing; stopping runs it now
     runner.stop(timeout=10)
-    assert late.done() and late.result() == "E"
-    assert recorder.groups == [["a"], ["b", "c", "d"], ["e"]]
+    assert late.done() and late.result() == "F"
+    assert recorder.groups == [["a"], ["b"], ["c", "d", "e"], ["f"]]

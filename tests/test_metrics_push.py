@@ -69,9 +69,6 @@ def test_a_device_worker_pushes_its_job_metrics_and_deletes_its_group_on_a_clean
     assert value(samples, "textnlp_worker_last_batch_timestamp_seconds", device="cpu.0", **group)
     assert value(samples, "textnlp_job_queue_wait_seconds_count", model_name="demo", **group) == 6
     assert value(samples, "textnlp_job_latency_seconds_count", model_name="demo", **group) == 6
-    batches = value(samples, "textnlp_batch_size_count", model_name="demo", **group)
-    assert batches and 1 <= batches <= 6
-    assert value(samples, "textnlp_batch_size_sum", model_name="demo", **group) == 6
     # The device loop's own accounting comes from the engine process, relayed by the worker: each
     # job was admitted once (a start or a join, or a static batch), and the loop was busy a while.
     def admitted() -> float:
@@ -80,6 +77,10 @@ def test_a_device_worker_pushes_its_job_metrics_and_deletes_its_group_on_a_clean
                    for phase in ("start", "join", "batch"))
     wait_for(lambda: admitted() == 6, 30, "the engine's device-loop metrics counted six admissions")
     samples = scrape(gateway.url + "/metrics")
+    # Batch sizes are the engine's too: read once its relayed snapshot has caught up (above).
+    batches = value(samples, "textnlp_batch_size_count", model_name="demo", **group)
+    assert batches and 1 <= batches <= 6
+    assert value(samples, "textnlp_batch_size_sum", model_name="demo", **group) == 6
     assert (value(samples, "textnlp_device_loop_seconds_total", model_name="demo", **group) or 0) > 0
     (duration,) = {tuple(sorted(s.labels)) for s in samples
                    if s.name == "textnlp_model_inference_duration_seconds_count"}
