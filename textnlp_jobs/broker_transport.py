@@ -91,7 +91,7 @@ class QoS(kombu_redis.QoS):
     def acks_together(self) -> Iterator[None]:
         """Acks this thread makes inside the block reach Redis in one transaction as it closes (a
         message is acked only after its outcome is written, so a later ack is still a safe one)."""
-        if getattr(self._gathering, "tags", None) is not None:  # nested: the outer block sends them
+        if self.gathering():  # nested: the outer block sends them
             yield
             return
         self._gathering.tags = []
@@ -100,6 +100,10 @@ class QoS(kombu_redis.QoS):
         finally:
             tags, self._gathering.tags = self._gathering.tags, None
             self._ack_now(tags)
+
+    def gathering(self) -> bool:
+        """Whether acks this thread makes now wait for its ``acks_together`` block to close."""
+        return getattr(self._gathering, "tags", None) is not None
 
     def ack(self, delivery_tag: Any) -> None:
         tags = getattr(self._gathering, "tags", None)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -106,9 +105,6 @@ class GenerationStep(bootsteps.ConsumerStep):  # type: ignore[misc]
         self.consumer: Any = None  # Celery's consumer (connection, event dispatcher, event loop)
         self.channel: Any = None  # the channel the step's consumer is on (its QoS holds the unacked)
         self._wake_fds: tuple[int, int] | None = None
-        # Set on a thread inside ``acks_together``: its outcomes' acks wait for the block's end,
-        # which wakes the event loop once for all of them.
-        self._gathering = threading.local()
 
     def start(self, c: Any) -> None:
         self.consumer = c
@@ -141,16 +137,20 @@ class GenerationStep(bootsteps.ConsumerStep):  # type: ignore[misc]
         """The acks of outcomes told inside the block go to the broker in one round trip as it
         closes (broker_transport.QoS), and the event loop is woken once for the freed slots."""
         gather = getattr(getattr(self.channel, "qos", None), "acks_together", None)
-        if gather is None or getattr(self._gathering, "active", False):  # none, or nested: the outer block wakes
+        if gather is None or self._gathering():  # none, or nested: the outer block wakes
             yield
             return
-        self._gathering.active = True
         try:
             with gather():
                 yield
         finally:
-            self._gathering.active = False
             self._wake()
+
+    def _gathering(self) -> bool:
+        """Whether this thread is inside ``acks_together`` (its acks, and the wake-up, wait for
+        the block's end)."""
+        gathering = getattr(getattr(self.channel, "qos", None), "gathering", None)
+        return bool(gathering is not None and gathering())
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         self.channel = channel
@@ -198,7 +198,7 @@ class GenerationStep(bootsteps.ConsumerStep):  # type: ignore[misc]
                 message.requeue() if requeue else message.ack()
             except Exception:  # the broker connection is gone: the message comes back on its own
                 log.warning("message_not_acked job=%s requeue=%s", job_id, requeue)
-            if not getattr(self._gathering, "active", False):  # inside a block, its end wakes the loop once
+            if not self._gathering():  # inside a block, its end wakes the loop once
                 self._wake()
 
         self.runtime.deliver(job_id, done)

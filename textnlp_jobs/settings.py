@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     engine_process: bool = True
     # Under load a device worker starts a claim, or a result write, at most once per this many
     # milliseconds, so jobs that trickle in or finish one by one share statements (groups.py).
-    # An item after a quiet spell goes at once; 0 groups only what waited while the last ran.
+    # After a quiet spell an item, and the group after it, go at once; 0 groups only what
+    # waited while the last group ran.
     group_spacing_ms: float = Field(25.0, ge=0, le=1_000)
 
     task_events: bool = False
