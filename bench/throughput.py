@@ -360,9 +360,9 @@ class Stack:
         done = self.client.wait([j.id for j in jobs], timeout=timeout, poll=0.02)
         client_wall = time.perf_counter() - started
         result = summarize(done, t_submit)
-        # The engine process sends its metrics with its results (at most every 50 ms, and every
-        # second): wait that long so the last steps are counted.
-        time.sleep(1.2)
+        # The engine process sends its metrics with its results, at most every 50 ms, and once more
+        # 50 ms after the last ones: wait that long (and the worker's relay) so its last steps count.
+        time.sleep(0.25)
         result.update(submit_s=submitted, client_wall_s=client_wall,
                       loop=loop_summary(loop_before, scraped_loop(self.metrics_port), result["wall_s"]))
         return result

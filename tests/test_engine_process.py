@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -22,6 +25,7 @@ from textnlp_jobs.errors import (
     WorkerShuttingDownError,
 )
 from textnlp_jobs.generation_consumer import job_id_of
+from textnlp_jobs.inference import engine_process
 from textnlp_jobs.inference.engine_process import error_from, error_payload
 from textnlp_jobs.local_stack import LocalStack, WorkerProcess
 from workers.device import worker_hostname
@@ -71,6 +75,37 @@ def test_an_error_whose_class_takes_other_arguments_keeps_its_code_message_and_r
     assert (rebuilt.code, rebuilt.message, rebuilt.retryable) == (error.code, error.message, False)
     anything = error_from(error_payload(ValueError("boom")))
     assert anything.code == ErrorCode.INFERENCE_FAILED and "ValueError: boom" in anything.message
+
+
+class RecordingPipe:
+    """The engine process's end of its pipe, as far as the results sender uses it."""
+
+    def __init__(self) -> None:
+        self.sent: queue.Queue[tuple[Any, ...]] = queue.Queue()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.sent.put(message)
+
+    def next_kind(self) -> str:
+        return str(self.sent.get(timeout=30)[0])
+
+
+def test_results_sent_without_a_snapshot_are_followed_by_one_well_before_the_idle_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the idle snapshot an hour away, the metrics after a rate-limited send can only come
+    # from the trailing one: the worker's view of the engine must not lag a burst's end by that.
+    monkeypatch.setattr(engine_process, "SNAPSHOT_AT_LEAST", 3600.0)
+    monkeypatch.setattr(engine_process, "SNAPSHOT_EVERY", 1.0)
+    pipe, results = RecordingPipe(), engine_process._Outbox()
+    sender = threading.Thread(target=engine_process._send_results, args=(pipe, results), daemon=True)
+    sender.start()
+    results.put(("a", None, None))
+    assert [pipe.next_kind(), pipe.next_kind()] == ["results", "metrics"]
+    results.put(("b", None, None))  # within SNAPSHOT_EVERY of that snapshot: sent alone
+    assert [pipe.next_kind(), pipe.next_kind()] == ["results", "metrics"]
+    results.close()
+    sender.join(30)
+    assert not sender.is_alive()
 
 
 def engine_pid(worker_pid: int) -> int:

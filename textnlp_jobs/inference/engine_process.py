@@ -17,9 +17,9 @@ the job back to the queue) and ``crashed`` is set, so the worker exits non-zero 
 
 Metrics recorded in the child (batch sizes, inference durations, tokens/s, memory, last batch
 time, the device loop's time by phase: ``ENGINE_METRICS``) travel to the worker as snapshots beside
-the results (at most every 50 ms, and once a second), and the worker serves them from
-``EngineMetricsRelay`` in place of its own empty copies: one process pushes one pushgateway group
-and serves one ``/metrics``, as before.
+the results (at most every 50 ms, one 50 ms after a burst of results ends, and once a second
+while idle), and the worker serves them from ``EngineMetricsRelay`` in place of its own empty
+copies: one process pushes one pushgateway group and serves one ``/metrics``, as before.
 """
 
 from __future__ import annotations
@@ -351,18 +351,23 @@ def _load(settings: Any, device: str, references: list[str], torch_threads: int 
 
 
 def _send_results(conn: Connection, results: _Outbox) -> None:
-    """Send results as they finish, with a metrics snapshot at most every ``SNAPSHOT_EVERY``
-    seconds, and at least every ``SNAPSHOT_AT_LEAST`` (``results.ping`` wakes it)."""
+    """Send results as they finish, each time with a metrics snapshot if the last one is at least
+    ``SNAPSHOT_EVERY`` old. Results sent without one are followed by one ``SNAPSHOT_EVERY`` after
+    the last, so what the worker serves trails the engine by that much, not by a second, once a
+    burst ends. With nothing to send, one every ``SNAPSHOT_AT_LEAST`` (gauges move while idle)."""
     last_snapshot = 0.0
+    owed = False  # results went out since the last snapshot
     while True:
-        batch = results.take_all(timeout=SNAPSHOT_AT_LEAST)
+        wait = max(0.0, last_snapshot + SNAPSHOT_EVERY - time.monotonic()) if owed else SNAPSHOT_AT_LEAST
+        batch = results.take_all(timeout=wait)
         try:
             if batch:
                 conn.send(("results", batch))
+                owed = True
             now = time.monotonic()
             if batch is None or now - last_snapshot >= SNAPSHOT_EVERY:
                 conn.send(("metrics", engine_snapshot()))
-                last_snapshot = now
+                last_snapshot, owed = now, False
         except (OSError, ValueError):  # the worker is gone
             os._exit(0)
         if batch is None:
