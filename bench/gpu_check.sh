@@ -22,7 +22,10 @@
 #      512-job run of `small` lasts about half a second, so the system's fixed latency before its
 #      first job runs (validate and insert all N, publish, claim: tens of ms) is a tenth of it; four
 #      times the jobs show the steady rate beside it;
-#   4. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
+#   4. the 512-job run on batches of 128 again with the worker's claims and writes spaced 25 ms
+#      under load (--group-spacing-ms 25, a CPU device's default; a GPU's is 0): the A/B that
+#      settles the GPU's default (SPACING_AB=0 skips it);
+#   5. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
 #      bench/.models/demo to skip training it).
 # Results (logs, BENCH_RESULT lines) are copied to $OUT when it is set. Exit status: the number of
 # failed steps.
@@ -72,11 +75,13 @@ if [ "$HAVE_GPU" = 1 ]; then
     SMALL_ARGS=${SMALL_ARGS:---model small --jobs 512 --batches 32,64,128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens 0,8192 --latency-seconds 0}
     DEMO_ARGS=${DEMO_ARGS:---model demo --jobs 512 --batches 32 --max-new-tokens 32 --hf-max-batch-tokens=, --latency-seconds 0 --torch-threads 2}
     STEADY_ARGS=${STEADY_ARGS:---model small --jobs 2048 --batches 128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens 8192 --latency-seconds 0}
+    SPACING_ARGS=${SPACING_ARGS:---model small --jobs 512 --batches 128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens= --latency-seconds 0}
 else
     DEVICE=${DEVICE:-cpu.0}
     SMALL_ARGS=${SMALL_ARGS:---model tiny --jobs 24 --batches 4,8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
     DEMO_ARGS=${DEMO_ARGS:---model tiny --jobs 16 --batches 8 --max-new-tokens 8 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
     STEADY_ARGS=${STEADY_ARGS:---model tiny --jobs 48 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
+    SPACING_ARGS=${SPACING_ARGS:---model tiny --jobs 24 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens= --latency-seconds 0 --torch-threads 1}
 fi
 
 # --- 0. carried wheels and servers ----------------------------------------------------------
@@ -153,6 +158,14 @@ if [ "${STEADY:-1}" != 0 ]; then
     # shellcheck disable=SC2086
     step bench-steady "${STEADY_LIMIT:-150}" "$PY" bench/throughput.py $STEADY_ARGS --device "$DEVICE" "${SERVERS[@]}"
 fi
+# Spacing A/B: the system again with its claims and writes spaced 25 ms apart under load, as on a
+# CPU device, beside the GPU's default (unspaced) above; direct runs repeated in the same process.
+# SPACING_AB=0 skips it.
+if [ "${SPACING_AB:-1}" != 0 ]; then
+    # shellcheck disable=SC2086
+    step bench-spacing25 "${SPACING_LIMIT:-150}" "$PY" bench/throughput.py $SPACING_ARGS --group-spacing-ms 25 \
+        --device "$DEVICE" "${SERVERS[@]}"
+fi
 # DEMO_DEVICES="cuda.0 cpu.0": demo on the GPU and on this machine's CPU (overhead per job with no
 # other load on the CPUs; the 2-core development machine is shared and noisy).
 for demo_device in ${DEMO_DEVICES:-}; do
@@ -164,7 +177,7 @@ done
 
 # --- summary ------------------------------------------------------------------------------
 say "summary"
-grep -h '^RATIO ' "$LOGS"/bench-*.log
+(cd "$LOGS" && grep '^RATIO ' bench-*.log)  # each line after its log's name (bench-spacing25: spaced)
 grep -h '^BENCH_RESULT ' "$LOGS"/bench-*.log > "$LOGS/bench_results.jsonl" 2>/dev/null
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     cp "$LOGS"/bench_results.jsonl "$LOGS"/bench-*.log "$OUT/" 2>/dev/null

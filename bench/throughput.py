@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-concurrency", type=int, default=None,
                         help="task threads of the batched worker (default: the worker's own, = max_batch)")
     parser.add_argument("--group-spacing-ms", type=float, default=None,
-                        help="the worker's TEXTNLP_GROUP_SPACING_MS (default: the setting's own, 25)")
+                        help="the worker's TEXTNLP_GROUP_SPACING_MS (default: the device's, 25 on a CPU, 0 on a GPU)")
     args = parser.parse_args(argv)
     args.batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
     if args.batch is None:

@@ -156,3 +156,17 @@ def test_jobs_delivered_one_by_one_under_load_share_one_claim(stack: LocalStack)
     assert claims == [1, 1, 4]
     assert set(outcomes.values()) == {"succeeded"} and len(outcomes) == 4
     assert result_writes(client, [j.id for j in jobs]) == {str(j.id): 1 for j in jobs}
+
+
+@pytest.mark.parametrize(("device", "setting_ms", "spacing"), [
+    ("test/cpu.0", None, 0.025), ("test/cuda.0", None, 0.0), ("test/cuda.0", 40, 0.04), ("test/cpu.0", 0, 0.0),
+])
+def test_claims_and_writes_are_spaced_by_default_on_a_cpu_device_only(
+        stack: LocalStack, device: str, setting_ms: float | None, spacing: float) -> None:
+    # On a CPU the worker's statements cost the model's own cores; a GPU's worker has cores of its
+    # own, where spacing would only delay claims and writes (settings.DEFAULT_GROUP_SPACING_MS).
+    client = Client(stack.settings(group_spacing_ms=setting_ms))
+    runtime = DeviceRuntime(client.settings, client.sessions, {"demo": StubEngine("demo")}, worker_name=device,
+                            republish=lambda routings: None)
+    assert runtime.intake.spacing == pytest.approx(spacing)
+    assert runtime.finishing.spacing == pytest.approx(spacing)

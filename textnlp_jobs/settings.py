@@ -38,6 +38,15 @@ class BatchingPolicy(BaseModel):
 # this project's 2-core CPU machine the numbers are in bench/results/.
 DEFAULT_BATCHING_MODE: dict[str, str] = {"cuda": "continuous", "cpu": "continuous"}
 
+# A device worker's claims and result writes are spaced under load (``group_spacing_ms``) where its
+# CPU time is taken from the model's: a CPU device's torch threads share the worker's cores, so
+# each statement saved is decode time won back (bench/results: about a fifth of the worker's CPU
+# on a mixed workload). A GPU's worker has cores of its own beside the one its decode loop needs,
+# so there spacing would only delay claims and writes (up to the spacing each, at a run's start
+# and its end); unspaced, a worker that falls behind still gathers bigger groups by itself, since
+# each group is what arrived while the last one ran.
+DEFAULT_GROUP_SPACING_MS: dict[str, float] = {"cuda": 0.0, "cpu": 25.0}
+
 
 class Settings(BaseSettings):
     """Every knob of the system; each field is ``TEXTNLP_<FIELD>`` in the environment."""
@@ -68,8 +77,8 @@ class Settings(BaseSettings):
     # Under load a device worker starts a claim, or a result write, at most once per this many
     # milliseconds, so jobs that trickle in or finish one by one share statements (groups.py).
     # After a quiet spell an item, and the group after it, go at once; 0 groups only what
-    # waited while the last group ran.
-    group_spacing_ms: float = Field(25.0, ge=0, le=1_000)
+    # waited while the last group ran. None: the device's default (DEFAULT_GROUP_SPACING_MS).
+    group_spacing_ms: float | None = Field(None, ge=0, le=1_000)
 
     task_events: bool = False
 
@@ -201,6 +210,12 @@ class Settings(BaseSettings):
 
     def batching_for(self, model: str) -> BatchingPolicy:
         return self.batching.get(model) or self.batching.get("*") or BatchingPolicy()
+
+    def group_spacing_on(self, device_kind: str) -> float:
+        """Seconds between a device worker's claims or writes under load, on a ``cpu`` or ``cuda``
+        device: the setting where given, else that kind's default."""
+        spacing = self.group_spacing_ms
+        return (DEFAULT_GROUP_SPACING_MS[device_kind] if spacing is None else spacing) / 1000.0
 
     def broker_transport_options(self) -> dict[str, Any]:
         if self.embedded:

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.models import utcnow
+from textnlp_jobs.devices import Device
 from textnlp_jobs.errors import (
     ErrorCode,
     InferenceError,
@@ -72,7 +73,7 @@ class DeviceRuntime:
         self.engine_side: EngineSide = (LocalEngineSide(settings, factory, engines, name=worker_name)
                                         if isinstance(engines, dict) else engines)
         # Claim what arrived together, record what finished together (``deliver``).
-        spacing = settings.group_spacing_ms / 1000.0
+        spacing = settings.group_spacing_on(Device.parse(worker_name, settings.node_name).kind)
         self.intake: GroupRunner[tuple[uuid.UUID, Done], None] = GroupRunner(
             "intake", self._start_group, spacing=spacing)
         self.finishing: GroupRunner[tuple[Key, Future[BatchedResult]], None] = GroupRunner(
