@@ -25,7 +25,9 @@
 #   4. the 512-job run on batches of 128 again with the worker's claims and writes spaced 25 ms
 #      under load (--group-spacing-ms 25, a CPU device's default; a GPU's is 0): the A/B that
 #      settles the GPU's default (SPACING_AB=0 skips it);
-#   5. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
+#   5. bench/kv_cache.py on small at batch 128: the decoder's cache with room to spare against
+#      transformers' own layers (KV_CACHE=0 skips it);
+#   6. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
 #      bench/.models/demo to skip training it).
 # Results (logs, BENCH_RESULT lines) are copied to $OUT when it is set. Exit status: the number of
 # failed steps.
@@ -76,12 +78,14 @@ if [ "$HAVE_GPU" = 1 ]; then
     DEMO_ARGS=${DEMO_ARGS:---model demo --jobs 512 --batches 32 --max-new-tokens 32 --hf-max-batch-tokens=, --latency-seconds 0 --torch-threads 2}
     STEADY_ARGS=${STEADY_ARGS:---model small --jobs 2048 --batches 128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens 8192 --latency-seconds 0}
     SPACING_ARGS=${SPACING_ARGS:---model small --jobs 512 --batches 128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens= --latency-seconds 0}
+    KV_ARGS=${KV_ARGS:---model small --jobs 512 --batches 128 --repeats 1}
 else
     DEVICE=${DEVICE:-cpu.0}
     SMALL_ARGS=${SMALL_ARGS:---model tiny --jobs 24 --batches 4,8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
     DEMO_ARGS=${DEMO_ARGS:---model tiny --jobs 16 --batches 8 --max-new-tokens 8 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
     STEADY_ARGS=${STEADY_ARGS:---model tiny --jobs 48 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
     SPACING_ARGS=${SPACING_ARGS:---model tiny --jobs 24 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens= --latency-seconds 0 --torch-threads 1}
+    KV_ARGS=${KV_ARGS:---model tiny --jobs 24 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --repeats 1 --torch-threads 1}
 fi
 
 # --- 0. carried wheels and servers ----------------------------------------------------------
@@ -166,6 +170,11 @@ if [ "${SPACING_AB:-1}" != 0 ]; then
     step bench-spacing25 "${SPACING_LIMIT:-150}" "$PY" bench/throughput.py $SPACING_ARGS --group-spacing-ms 25 \
         --device "$DEVICE" "${SERVERS[@]}"
 fi
+# The decoder's cache with room to spare against transformers' own layers (bench/kv_cache.py).
+if [ "${KV_CACHE:-1}" != 0 ]; then
+    # shellcheck disable=SC2086
+    step kv-cache "${KV_CACHE_LIMIT:-120}" "$PY" bench/kv_cache.py $KV_ARGS --device "$DEVICE"
+fi
 # DEMO_DEVICES="cuda.0 cpu.0": demo on the GPU and on this machine's CPU (overhead per job with no
 # other load on the CPUs; the 2-core development machine is shared and noisy).
 for demo_device in ${DEMO_DEVICES:-}; do
@@ -178,9 +187,10 @@ done
 # --- summary ------------------------------------------------------------------------------
 say "summary"
 (cd "$LOGS" && grep '^RATIO ' bench-*.log)  # each line after its log's name (bench-spacing25: spaced)
+[ -f "$LOGS/kv-cache.log" ] && grep -E '^  (uniform|mixed|same)' "$LOGS/kv-cache.log"
 grep -h '^BENCH_RESULT ' "$LOGS"/bench-*.log > "$LOGS/bench_results.jsonl" 2>/dev/null
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    cp "$LOGS"/bench_results.jsonl "$LOGS"/bench-*.log "$OUT/" 2>/dev/null
+    cp "$LOGS"/bench_results.jsonl "$LOGS"/bench-*.log "$LOGS"/kv-cache.log "$OUT/" 2>/dev/null
 fi
 echo "logs in $LOGS; $FAILED step(s) failed; $((SECONDS - STARTED))s in all"
 exit "$FAILED"

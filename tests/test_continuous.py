@@ -16,6 +16,7 @@ from textnlp_jobs.client import Client
 from textnlp_jobs.db.models import utcnow
 from textnlp_jobs.inference.batcher import BatchedResult, MicroBatcher
 from textnlp_jobs.inference.continuous import MAX_JOIN_WAIT_STEPS, ContinuousBatcher, JoinCost, _Running
+from textnlp_jobs.inference.decoders import roomy_layer
 from textnlp_jobs.inference.device import DeviceRuntime
 from textnlp_jobs.inference.engine import EngineRequest, SamplingParams, StubEngine, TransformersEngine
 from textnlp_jobs.local_stack import LocalStack
@@ -102,6 +103,57 @@ def test_the_decoder_hands_the_model_its_cache_under_the_name_this_transformers_
         decoder.admit([(1, EngineRequest(engine.tokenize(PROMPTS[0]), 5, GREEDY))])
         while len(decoder):
             decoder.step()
+
+
+def test_rows_that_leave_and_join_a_running_batch_keep_the_greedy_tokens_of_each_alone(
+        engine: TransformersEngine) -> None:
+    # Three rows for six jobs of different lengths: rows leave, newcomers join, and the cache is
+    # merged and compacted around the rows still decoding, many times over.
+    limits = [9, 2, 14, 5, 1, 11]
+    requests = [EngineRequest(engine.tokenize(p), n, GREEDY) for p, n in zip(PROMPTS, limits, strict=True)]
+    batched = run(continuous(engine, 3, max_wait_ms=0), requests)
+    assert [r.result.token_ids for r in batched] == [r.result.token_ids for r in alone(engine, requests)]
+
+
+def test_a_decode_step_writes_its_cache_column_in_place(engine: TransformersEngine) -> None:
+    # transformers' own layer copies the whole cache into a new tensor every step (torch.cat).
+    requests = [EngineRequest(engine.tokenize(p), 4, GREEDY) for p in PROMPTS]
+    # Rows that decode past the step below (no end of text on the way: their greedy text alone says so).
+    lasting = [r for r, out in zip(requests, alone(engine, requests), strict=True) if out.result.tokens_generated == 4]
+    assert lasting
+    decoder = engine.decoder()
+    decoder.admit(list(enumerate(lasting)))
+    layers = decoder._layers_of(decoder.cache)
+    where = [(k.data_ptr(), v.data_ptr()) for k, v in layers]
+    width = layers[0][0].shape[-2]
+    decoder.step()
+    layers = decoder._layers_of(decoder.cache)
+    assert [(k.data_ptr(), v.data_ptr()) for k, v in layers] == where
+    assert layers[0][0].shape[-2] == width + 1
+
+
+def test_a_roomy_cache_layer_holds_what_transformers_own_layer_holds() -> None:
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    roomy_class = roomy_layer()
+    assert roomy_class is not None
+    roomy, plain = roomy_class(), DynamicLayer()  # no room reserved: every few steps its buffers move
+    generator = torch.Generator().manual_seed(3)
+
+    def update(columns: int) -> None:
+        keys, values = (torch.randn(2, 3, columns, 4, generator=generator) for _ in range(2))
+        for layer in (roomy, plain):
+            layer.update(keys, values)
+        assert torch.equal(roomy.keys, plain.keys) and torch.equal(roomy.values, plain.values)
+
+    update(5)  # a prefill
+    for _ in range(40):  # decode steps, past the buffers' room more than once
+        update(1)
+    for layer in (roomy, plain):  # keys replaced from outside (as batch_select_indices does)
+        layer.batch_select_indices(torch.tensor([1, 0]))
+    for _ in range(3):
+        update(1)
 
 
 def test_a_job_submitted_while_a_batch_decodes_joins_it_and_leaves_first() -> None:

@@ -5,6 +5,10 @@
 shorter side is padded on the left, so each row stays "left padding, then its own tokens");
 ``step`` runs one decode step for every row; a row that reached EOS or its own
 ``max_new_tokens`` leaves at once, and columns that only padding still uses are trimmed away.
+Each layer's keys and values live in buffers with room for the rows' remaining tokens
+(``roomy_layer``), so a step writes its one new column in place: transformers' own layer copies
+the whole cache into a new tensor every step, a sixth to a fifth of a 128-row decode step of
+``small`` on the CPU with a mixed workload (``bench/kv_cache.py``).
 Every row picks its own token exactly as the static engine does (``engine.choose_tokens``):
 greedy rows the argmax, sampled rows draw with their own seeded generator, each row's
 log-probability is the model's own. So per-job sampling settings share one batch and a seeded
@@ -19,6 +23,7 @@ bench/throughput.py as a direct baseline.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Collection, Hashable, Sequence
@@ -57,6 +62,53 @@ class Decoder(Protocol):
     def keys(self) -> list[Hashable]: ...
 
 
+@functools.cache
+def roomy_layer() -> type | None:
+    """transformers' ``DynamicLayer`` with room to spare (None where it has no such class).
+
+    ``DynamicLayer.update`` returns ``torch.cat([cached, new])``: every decode step copies every
+    layer's whole cache into freshly allocated memory. This layer keeps its keys and values as the
+    first columns of buffers allocated with ``room`` more columns than they first hold, so an
+    update writes into the buffer and returns a view of it. A buffer that fills up (or keys that
+    something replaced) is moved to a new one with a quarter more room."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers before 5: key_cache / value_cache lists, left as they are
+        return None
+
+    class RoomyLayer(DynamicLayer):
+        room = 0  # columns beyond the first update's, reserved when its buffers are allocated
+        _keys_buffer: Any = None
+        _values_buffer: Any = None
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            cached: Any = self.keys
+            length = cached.shape[-2] if cached.numel() else 0
+            needed = length + key_states.shape[-2]
+            buffer = self._keys_buffer
+            if (buffer is None or needed > buffer.shape[-2] or buffer.shape[0] != key_states.shape[0]
+                    or (length and cached.data_ptr() != buffer.data_ptr())):
+                extra = self.room if buffer is None else max(16, needed // 4)
+                self._keys_buffer = self._moved(cached, length, needed + extra, key_states)
+                self._values_buffer = self._moved(self.values, length, needed + extra, value_states)
+            self._keys_buffer[:, :, length:needed] = key_states
+            self._values_buffer[:, :, length:needed] = value_states
+            self.keys = self._keys_buffer[:, :, :needed]
+            self.values = self._values_buffer[:, :, :needed]
+            return self.keys, self.values
+
+        @staticmethod
+        def _moved(cached: Any, length: int, capacity: int, like: Any) -> Any:
+            buffer = like.new_empty((like.shape[0], like.shape[1], capacity, like.shape[3]))
+            if length:
+                buffer[:, :, :length] = cached
+            return buffer
+
+    return RoomyLayer
+
+
 @dataclass
 class _Row:
     key: Hashable
@@ -70,10 +122,12 @@ class _Row:
 class TransformersDecoder:
     """The running batch of one ``TransformersEngine`` (see the module docstring)."""
 
-    def __init__(self, engine: TransformersEngine) -> None:
+    def __init__(self, engine: TransformersEngine, *, roomy_cache: bool = True) -> None:
         import torch
 
         self.engine = engine
+        # False: transformers' own layers, which copy the cache every step (bench/kv_cache.py's baseline).
+        self.roomy = roomy_layer() if roomy_cache else None
         self.torch = torch
         self.rows: list[_Row] = []
         self.cache: Any = None  # a DynamicCache, per layer keys/values [rows, heads, T, dim]
@@ -112,7 +166,9 @@ class TransformersDecoder:
         input_ids, mask = input_ids.to(engine.device), mask.to(engine.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         new = [_Row(key, request, engine.generator_for(request)) for key, request in rows]
-        cache = self._new_cache()
+        # Starting a batch, this cache becomes the running one: room for the longest newcomer.
+        # Joining one, it is merged into a new cache (below) and needs none.
+        cache = self._new_cache(room=0 if len(self) else max(request.max_new_tokens for _, request in rows))
         with self._guard(len(rows)), torch.inference_mode():
             output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                   use_cache=True, **{self.cache_keyword: cache}, **self.prefill_options)
@@ -122,7 +178,7 @@ class TransformersDecoder:
         alive = torch.ones_like(chosen)
         if self.rows:
             layers, mask = self._merge(self._layers_of(cache), mask)
-            cache = self._new_cache(layers)
+            cache = self._new_cache(layers, room=self._room(self.rows + new))
             self.last = torch.cat([self.last, chosen])
             self.positions = torch.cat([self.positions, positions[:, -1] + 1])
             self.alive = torch.cat([self.alive, alive])
@@ -201,7 +257,7 @@ class TransformersDecoder:
         start = int(used[0]) if used.numel() else mask.shape[1]
         self.mask = mask[:, start:]
         self.cache = self._new_cache([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                                      for k, v in self._layers_of(self.cache)])
+                                      for k, v in self._layers_of(self.cache)], room=self._room(self.rows))
         self.last = self.last.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.alive = self.alive.index_select(0, index)
@@ -222,13 +278,27 @@ class TransformersDecoder:
                   for (k, v), (nk, nv) in zip(self._layers_of(self.cache), new_layers, strict=True)]
         return layers, torch.cat([pad(self.mask, 1), pad(new_mask, 1)])
 
-    def _new_cache(self, layers: Sequence[tuple[Any, Any]] = ()) -> Any:
+    def _new_cache(self, layers: Sequence[tuple[Any, Any]] = (), *, room: int = 0) -> Any:
+        """A cache holding ``layers`` (none: for a prefill), each plain layer with ``room`` columns to
+        spare for the decode steps ahead (``roomy_layer``)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.engine.model.config)
+        roomy = self.roomy
+        plain = getattr(cache, "layers", None)
+        if roomy is not None and plain is not None:
+            for index, layer in enumerate(plain):
+                if type(layer) is roomy.__base__:  # sliding-window and other layers keep their own kind
+                    plain[index] = roomy()
+                    plain[index].room = room
         for index, (k, v) in enumerate(layers):
             cache.update(k, v, index)
         return cache
+
+    @staticmethod
+    def _room(rows: Sequence[_Row]) -> int:
+        """Cache columns the decode steps ahead add at most: one per token a live row may still take."""
+        return max((row.request.max_new_tokens - len(row.tokens) for row in rows if not row.done), default=0)
 
     @staticmethod
     def _layers_of(cache: Any) -> list[tuple[Any, Any]]:
