@@ -9,11 +9,13 @@ import uuid
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from textnlp_jobs.client import Client
 from textnlp_jobs.db.models import utcnow
+from textnlp_jobs.errors import OutOfMemoryError
 from textnlp_jobs.inference.batcher import BatchedResult, MicroBatcher
 from textnlp_jobs.inference.continuous import MAX_JOIN_WAIT_STEPS, ContinuousBatcher, JoinCost, _Running
 from textnlp_jobs.inference.decoders import roomy_layer
@@ -130,6 +132,27 @@ def test_a_decode_step_writes_its_cache_column_in_place(engine: TransformersEngi
     layers = decoder._layers_of(decoder.cache)
     assert [(k.data_ptr(), v.data_ptr()) for k, v in layers] == where
     assert layers[0][0].shape[-2] == width + 1
+
+
+def test_out_of_memory_while_compacting_finished_rows_away_leaves_the_rest_decoding(
+        engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = [EngineRequest(engine.tokenize(p), n, GREEDY) for p, n in zip(PROMPTS, [2, 9, 5, 12, 3, 7], strict=True)]
+    decoder = engine.decoder()
+    new_cache, refused = decoder._new_cache, []
+
+    def no_room_to_compact(layers: Any = (), *, room: int = 0) -> Any:
+        if layers:  # a compaction (no join happens here)
+            refused.append(len(layers))
+            raise OutOfMemoryError("no room for the compacted copy")
+        return new_cache(layers, room=room)
+
+    monkeypatch.setattr(decoder, "_new_cache", no_room_to_compact)
+    finished = decoder.admit(list(enumerate(requests)))
+    while len(decoder):
+        finished += decoder.step()
+    assert refused  # rows that left were kept, masked, beside the rows still decoding
+    tokens = {key: result.token_ids for key, result in finished}
+    assert [tokens[i] for i in range(len(requests))] == [r.result.token_ids for r in alone(engine, requests)]
 
 
 def test_a_roomy_cache_layer_holds_what_transformers_own_layer_holds() -> None:

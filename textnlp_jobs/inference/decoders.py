@@ -177,8 +177,11 @@ class TransformersDecoder:
             self._keep([i for i, row in enumerate(self.rows) if not row.done])
         alive = torch.ones_like(chosen)
         if self.rows:
-            layers, mask = self._merge(self._layers_of(cache), mask)
-            cache = self._new_cache(layers, room=self._room(self.rows + new))
+            # The merged cache (with its room) is the largest allocation of a join: out of memory
+            # here is ours too, so the newcomers are split or wait rather than fail.
+            with self._guard(len(self.rows) + len(new)):
+                layers, mask = self._merge(self._layers_of(cache), mask)
+                cache = self._new_cache(layers, room=self._room(self.rows + new))
             self.last = torch.cat([self.last, chosen])
             self.positions = torch.cat([self.positions, positions[:, -1] + 1])
             self.alive = torch.cat([self.alive, alive])
@@ -243,24 +246,30 @@ class TransformersDecoder:
         self.alive[indices] = 0
         dead = sum(1 for row in self.rows if row.done)
         if dead * 4 >= len(self.rows):
-            self._keep([i for i, row in enumerate(self.rows) if not row.done])
+            try:
+                self._keep([i for i, row in enumerate(self.rows) if not row.done])
+            except OutOfMemoryError:  # compaction only saves work: the dead rows wait for the next one
+                pass
 
     def _keep(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
+        """Only rows ``keep`` stay: the cache is copied without the others (all or nothing, so an
+        out-of-memory error leaves the batch as it was)."""
+        kept = [self.rows[i] for i in keep]
         if not keep:
+            self.rows = kept
             self.cache, self.mask, self.last, self.positions, self.alive = None, None, None, None, None
             return
-        index = self.torch.tensor(keep, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        # Columns every remaining row has as padding are dead weight: trim them from the left.
-        used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if used.numel() else mask.shape[1]
-        self.mask = mask[:, start:]
-        self.cache = self._new_cache([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                                      for k, v in self._layers_of(self.cache)], room=self._room(self.rows))
-        self.last = self.last.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
-        self.alive = self.alive.index_select(0, index)
+        with self._guard(len(keep)):
+            index = self.torch.tensor(keep, device=self.mask.device)
+            mask = self.mask.index_select(0, index)
+            # Columns every remaining row has as padding are dead weight: trim them from the left.
+            used = mask.any(dim=0).nonzero()
+            start = int(used[0]) if used.numel() else mask.shape[1]
+            cache = self._new_cache([(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+                                     for k, v in self._layers_of(self.cache)], room=self._room(kept))
+            last, positions, alive = (t.index_select(0, index) for t in (self.last, self.positions, self.alive))
+        self.rows, self.cache, self.mask = kept, cache, mask[:, start:]
+        self.last, self.positions, self.alive = last, positions, alive
 
     def _merge(self, new_layers: list[tuple[Any, Any]], new_mask: Any) -> tuple[list[tuple[Any, Any]], Any]:
         torch = self.torch
