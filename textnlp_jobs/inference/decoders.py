@@ -168,7 +168,7 @@ class TransformersDecoder:
         new = [_Row(key, request, engine.generator_for(request)) for key, request in rows]
         # Starting a batch, this cache becomes the running one: room for the longest newcomer.
         # Joining one, it is merged into a new cache (below) and needs none.
-        cache = self._new_cache(room=0 if len(self) else max(request.max_new_tokens for _, request in rows))
+        cache = self._new_cache(room=0 if len(self) else self._room(new))
         with self._guard(len(rows)), torch.inference_mode():
             output = engine.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                   use_cache=True, **{self.cache_keyword: cache}, **self.prefill_options)
