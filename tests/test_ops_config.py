@@ -49,6 +49,7 @@ def defined_metric_names() -> set[str]:
 
 def flower_metric_names() -> set[str]:
     """Flower's own /metrics (its PrometheusMetrics registers them in the default registry)."""
+    import flower.options  # noqa: F401  (defines the options PrometheusMetrics reads; Flower 2.0 has no defaults)
     import prometheus_client
     from flower.events import PrometheusMetrics
 

@@ -51,7 +51,9 @@ DEFAULT_GROUP_SPACING_MS: dict[str, float] = {"cuda": 0.0, "cpu": 25.0}
 class Settings(BaseSettings):
     """Every knob of the system; each field is ``TEXTNLP_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="TEXTNLP_", extra="ignore")
+    # Fields named model_* (model_store, model_cache, ...) are ours: pydantic before 2.10 warns
+    # about each on every import unless its "model_" namespace is released.
+    model_config = SettingsConfigDict(env_prefix="TEXTNLP_", extra="ignore", protected_namespaces=())
 
     home: Path = Field(default_factory=lambda: Path.home() / ".textnlp-jobs")
     database_url: SecretStr | None = None
