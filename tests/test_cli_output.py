@@ -192,3 +192,19 @@ def test_the_demo_says_what_the_model_is_and_prints_no_banner_or_warning(embedde
         assert noise not in everything, everything
     assert "Return a new list" in done.stdout  # the results table is the data
     assert "2/2 jobs succeeded" in done.stderr
+
+
+def test_building_and_registering_a_model_print_no_library_progress_bar(embedded_stack: LocalStack,
+                                                                          tmp_path: Path) -> None:
+    # Both load the model as a worker would (from_pretrained), which in transformers 5 draws a
+    # "Loading weights" bar on stderr; the command's own lines are all a user should see.
+    built = cli(embedded_stack, "models", "bootstrap", "tiny", env={"TEXTNLP_MODEL_CACHE": "off"})
+    assert built.returncode == 0, built.stderr
+    # "registered tiny version V at PATH": register that directory again under another name.
+    [line] = [line for line in built.stderr.splitlines() if line.startswith("registered tiny version")]
+    own = cli(embedded_stack, "models", "register", line.rsplit(" at ", 1)[1], "--name", "tiny-copy")
+    assert own.returncode == 0, own.stderr
+    for done in (built, own):
+        everything = done.stdout + done.stderr
+        assert "Loading weights" not in everything and "\r" not in everything, everything
+        assert "registered" in done.stderr

@@ -149,16 +149,17 @@ def build_model(
     """Write a ``from_pretrained``-loadable model directory (safetensors) at ``target``."""
     from transformers.utils import logging as hf_logging
 
+    from textnlp_jobs.inference.loading import no_progress_bars
+
     # transformers' notices (sequence longer than the model, default loss, shard-writing bars)
     # are about its general use, not this build; a newcomer would read them as faults.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        return _build(recipe_name, target, seed, progress)
+        with no_progress_bars():
+            return _build(recipe_name, target, seed, progress)
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
 
 
 def _build(recipe_name: str, target: Path, seed: int, progress: Callable[[int, int], None] | None) -> Path:

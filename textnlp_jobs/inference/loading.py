@@ -7,8 +7,10 @@ Pickled ``.bin`` weights are refused: loading them runs arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,23 @@ def load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars off for the block. Since 5.0 ``from_pretrained`` draws a
+    "Loading weights" bar on stderr: in a CLI command (``models bootstrap``, the demo's first
+    build, ``models register``) it broke the one-line output, and in a worker's log it is a line of
+    carriage returns. Warnings stay: a user's model that loads with missing weights should say so."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(path: Path) -> Any:
     """The model in ``path`` on the CPU, in eval mode, from either layout."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,7 +137,8 @@ def load_model(path: Path) -> Any:
         return load_quantized(path)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    with no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     model.eval()
     return model
 
