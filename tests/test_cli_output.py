@@ -208,3 +208,16 @@ def test_building_and_registering_a_model_print_no_library_progress_bar(embedded
         everything = done.stdout + done.stderr
         assert "Loading weights" not in everything and "\r" not in everything, everything
         assert "registered" in done.stderr
+
+
+def test_help_reads_as_prose_not_as_the_source_lines(embedded_stack: LocalStack) -> None:
+    # The help comes from docstrings wrapped at the source's width: shown as they are, a wide
+    # terminal got lines broken mid-sentence and reStructuredText's double backticks.
+    for args in (["--help"], ["cancel", "--help"]):
+        done = cli(embedded_stack, *args, env={"COLUMNS": "200"})
+        assert done.returncode == 0, done.stderr
+        assert "``" not in done.stdout
+    top = cli(embedded_stack, "--help", env={"COLUMNS": "200"}).stdout
+    assert "With no settings at all everything runs embedded" in top
+    cancel = cli(embedded_stack, "cancel", "--help", env={"COLUMNS": "200"}).stdout
+    assert "is left as it was: the command says so" in cancel

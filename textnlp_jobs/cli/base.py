@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 from rich.console import Console
@@ -33,11 +33,21 @@ succeed (``wait``, ``submit --wait``) or ``check`` found a service down; 2 an er
 line ``error <code>: <message>``; 3 ``cancel`` of a job that had already finished.
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-db_app = typer.Typer(help="The ledger's schema (Alembic migrations).", no_args_is_help=True)
-models_app = typer.Typer(help="The model store and registry.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Listings of jobs.", no_args_is_help=True)
-maintenance_app = typer.Typer(help="Run maintenance tasks by hand.", no_args_is_help=True)
+# Markdown: help comes from docstrings wrapped at the source's width; markdown reflows a paragraph
+# to the terminal (the default mode keeps every source line break) and renders ``code`` as code.
+MARKUP: Final = "markdown"
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=MARKUP)
+
+
+def _group(help_text: str) -> typer.Typer:
+    return typer.Typer(help=help_text, no_args_is_help=True, rich_markup_mode=MARKUP)
+
+
+db_app = _group("The ledger's schema (Alembic migrations).")
+models_app = _group("The model store and registry.")
+jobs_app = _group("Listings of jobs.")
+maintenance_app = _group("Run maintenance tasks by hand.")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(jobs_app, name="jobs")
