@@ -46,7 +46,8 @@ def test_every_lower_bound_is_the_release_the_floors_check_installs() -> None:
 
 
 def test_the_floors_pin_only_what_the_project_depends_on() -> None:
+    pins = pinned()
     # psycopg-binary comes with psycopg[binary], at psycopg's own release.
-    extra = set(pinned()) - set(lower_bounds()) - {"psycopg-binary"}
+    extra = set(pins) - set(lower_bounds()) - {"psycopg-binary"}
     assert not extra, f".ci/floors.txt pins packages pyproject.toml does not name: {sorted(extra)}"
-    assert pinned()["psycopg-binary"] == pinned()["psycopg"]
+    assert pins["psycopg-binary"] == pins["psycopg"]
