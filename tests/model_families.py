@@ -1,6 +1,7 @@
 """Tiny random models of the families people run, built locally with the project's own tokenizer:
 Llama-style (rotary, grouped-query attention, no ``n_positions``), Qwen2-style, a GPT-2 whose
-tokenizer has no pad token, and one with a chat template."""
+tokenizer has no pad token, one with a chat template, and a Mamba, whose cache the continuous
+decoder cannot merge (state-space: a recurrent state, no keys and values)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def _save(model: object, tokenizer_source: Path, target: Path) -> Path:
 
 
 def build_family(family: str, tokenizer_source: Path, target: Path, *, seed: int = 7) -> Path:
-    """``llama`` or ``qwen2``: 2 layers, 64 wide, 4 query heads sharing 2 key/value heads."""
+    """``llama`` or ``qwen2``: 2 layers, 64 wide, 4 query heads sharing 2 key/value heads; ``mamba``:
+    2 state-space layers, 64 wide."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -39,6 +41,13 @@ def build_family(family: str, tokenizer_source: Path, target: Path, *, seed: int
         model = LlamaForCausalLM(LlamaConfig(**shape))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    elif family == "mamba":
+        from transformers import MambaConfig, MambaForCausalLM
+
+        model = MambaForCausalLM(MambaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, state_size=8, num_hidden_layers=2, initializer_range=0.2,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False))
     else:
         raise ValueError(family)
     model.eval()

@@ -95,3 +95,32 @@ def test_messages_are_refused_for_a_model_without_a_chat_template(stack: LocalSt
     assert refused.value.code == "input.no_chat_template"
     with pytest.raises(InputError, match="cannot be given with a prompt"):
         client.submit("hello", messages=[{"role": "user", "content": "hello"}], model="demo")
+
+
+@pytest.fixture(scope="module")
+def static_only_dirs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("static-only")
+    return {family: build_family(family, tiny_model, root / family) for family in ("mamba",)}
+
+
+def test_a_state_space_model_serves_in_static_batches_with_the_greedy_text_of_each_alone(
+        stack: LocalStack, static_only_dirs: dict[str, Path]) -> None:
+    settings = stack.settings()
+    factory = session_factory(settings)
+    done = registry.register_directory(settings, factory, static_only_dirs["mamba"], "fam-mamba", in_place=True)
+    assert done.static_only_reason is not None  # `models register` prints it as a note
+    env = {**SLOW_MACHINE, "TEXTNLP_PLACEMENT": json.dumps({"cpu.0": ["fam-mamba"]}),
+           "TEXTNLP_BATCHING": json.dumps({"*": {"mode": "continuous", "max_batch": 8}})}
+    worker = stack.device_worker("cpu.0", extra_env=env).start()
+    stack.wait_ready(worker_hostname(settings, "cpu.0"), timeout=240)
+    client = Client(settings)
+    prompts = PROMPTS[:6]
+    jobs = client.submit_many([{"prompt": p, "model": "fam-mamba", "max_new_tokens": 5 + i}
+                               for i, p in enumerate(prompts)])
+    results = client.wait([j.id for j in jobs], timeout=240)
+    assert [j.status for j in results] == ["succeeded"] * len(prompts), worker.log_tail()
+    assert "reason=static_only_models" in worker.log_tail(400)
+    engine = TransformersEngine("fam-mamba", "v", static_only_dirs["mamba"])
+    for i, (prompt, job) in enumerate(zip(prompts, results, strict=True)):
+        expected = engine.generate([EngineRequest(engine.tokenize(prompt), 5 + i, SamplingParams())])[0].token_ids
+        assert job.text == decoded(engine, expected)

@@ -277,3 +277,40 @@ def test_the_watcher_switches_to_a_promotion_records_loads_and_use_and_gives_up_
     watcher.stop()
     with factory() as session:
         assert session.execute(select(ModelLoad)).first() is None
+
+
+def test_a_continuous_worker_refuses_a_promotion_it_cannot_decode_row_by_row_and_keeps_serving(
+        ledger: tuple[Settings, sessionmaker[Session]], tiny_copy: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from textnlp_jobs.devices import Device
+    from textnlp_jobs.inference import engine_side
+    from textnlp_jobs.inference.engine import StubEngine
+
+    settings, factory = ledger
+    old = registry.register_directory(settings, factory, tiny_copy, "mine").version
+    new = registry.register_directory(settings, factory, variant(tiny_copy, "mamba"), "mine").version
+    with factory.begin() as session:
+        registry.promote(session, "mine", old, "production")
+    side = engine_side.LocalEngineSide(settings, factory, {"mine": StubEngine("mine")}, name="host/cpu.0")
+    assert side.mode == "continuous"
+
+    class StateSpaceEngine(StubEngine):  # what a Mamba version loads as
+        static_only_reason = "cache_layers_LinearAttentionLayer"
+
+    loads: list[str] = []
+
+    def load_engine(resolved: object, device: object) -> StubEngine:
+        loads.append(resolved.version)  # type: ignore[attr-defined]
+        return StateSpaceEngine("mine")
+
+    monkeypatch.setattr(engine_side, "load_engine", load_engine)
+    side.watch(Device.parse("cpu.0", "host"), ["mine"], {"mine": None})
+    assert side.watcher is not None
+    with factory.begin() as session:
+        registry.promote(session, "mine", new, "production")
+    with caplog.at_level("ERROR"):
+        assert side.watcher.check() == [] and side.watcher.check() == []
+    assert loads == [new]  # refused once, not reloaded every poll
+    assert type(side.engines["mine"]) is StubEngine  # the loaded version keeps serving
+    refusal = [r.getMessage() for r in caplog.records if "model_switch_refused" in r.getMessage()]
+    assert refusal and "restart the worker" in refusal[0] and "LinearAttentionLayer" in refusal[0]

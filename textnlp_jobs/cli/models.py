@@ -53,6 +53,9 @@ def models_register(
     done = registry.register_directory(settings, factory, path, name, description=description, in_place=in_place)
     state = "registered" if done.created else "already registered:"
     say(f"{state} {done.name} version {done.version} at {done.path}")
+    if done.static_only_reason is not None:
+        say(f"note: {done.name} runs in static batches ({done.static_only_reason}): it cannot join continuous "
+            f"ones, so a device serving it batches all its models statically")
     console.print(done.version, markup=False, highlight=False)  # stdout: the version id, for scripts
 
 

@@ -62,6 +62,36 @@ class Decoder(Protocol):
     def keys(self) -> list[Hashable]: ...
 
 
+def why_not_row_by_row(model: Any) -> str | None:
+    """Why ``TransformersDecoder`` cannot run ``model`` (None when it can).
+
+    The decoder merges running batches' caches row-wise, left-pads them and trims columns, which
+    is right only for full-attention key/value caches. A sliding-window or chunked layer rolls its
+    cache; a state-space layer (Mamba, the Mamba layers of Jamba) holds a recurrent state, not keys
+    and values: every job of such a model would fail in the decoder, so it runs static. Each test
+    covers the transformers releases that describe it that way (``_is_stateful`` before 5.x
+    dropped it, the kinds of layer ``DynamicCache(config=...)`` builds since)."""
+    if getattr(model, "_is_stateful", False):
+        return "stateful_model"
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "sliding_window", None) or getattr(text_config, "attention_chunk_size", None):
+        return "sliding_window"
+    accepts = inspect.signature(model.forward).parameters
+    if "cache" not in accepts and "past_key_values" not in accepts:
+        return "no_key_value_cache"
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers before 5: no cache layers to inspect
+        return None
+    try:
+        layers = getattr(DynamicCache(config=model.config), "layers", None) or []
+    except Exception as error:  # a config the cache cannot read cannot be decoded row by row either
+        return f"cache_config_{type(error).__name__}"
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    return f"cache_layers_{'+'.join(odd)}" if odd else None
+
+
 @functools.cache
 def roomy_layer() -> type | None:
     """transformers' ``DynamicLayer`` with room to spare (None where it has no such class).

@@ -195,6 +195,11 @@ class TransformersEngine:
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
         self.vocab_limit = len(self.tokenizer)
         self.max_positions = max_positions(self.model.config) or 2048
+        from textnlp_jobs.inference.decoders import why_not_row_by_row
+
+        # Why this model cannot join a continuous batch (a sliding-window or state-space model
+        # runs static), or None.
+        self.static_only_reason = why_not_row_by_row(self.model)
 
     def tokenize(self, prompt: str) -> list[int]:
         try:
@@ -263,12 +268,6 @@ class TransformersEngine:
 
     def generator_for(self, request: EngineRequest) -> Any:
         return seeded_generator(request, self.device)
-
-    @property
-    def supports_continuous(self) -> bool:
-        """The continuous decoder merges and trims full-attention caches; a sliding-window model
-        (its cache layers roll) runs static."""
-        return not getattr(self.model.config.get_text_config(), "sliding_window", None)
 
     def decoder(self) -> Any:
         """A running batch for continuous batching (``decoders.TransformersDecoder``)."""

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from textnlp_jobs.db import repository as repo
 from textnlp_jobs.devices import Device
-from textnlp_jobs.errors import ErrorCode, InputError, TextNLPError
+from textnlp_jobs.errors import ErrorCode, InputError, ModelStoreError, TextNLPError
 from textnlp_jobs.inference import store
 from textnlp_jobs.inference.batcher import BatchedResult, MicroBatcher, PendingJob
 from textnlp_jobs.inference.continuous import ContinuousBatcher
@@ -110,15 +110,26 @@ def batching_mode(settings: Settings, engines: dict[str, Engine]) -> str:
     """The device's loop: continuous when every model on it asks for continuous (or defaults to
     it on this device) and its engine can decode row by row; static otherwise."""
     modes = {name: settings.batching_for(name).mode_on(engine.device) for name, engine in engines.items()}
+    if not modes or set(modes.values()) != {"continuous"}:
+        if "continuous" in modes.values():
+            log.warning("batching_mode_static device_models=%s reason=mixed_modes", modes)
+        return "static"
+    static_only = {name: static_only_reason(engine) for name, engine in engines.items()}
+    static_only = {name: reason for name, reason in static_only.items() if reason is not None}
+    if static_only:
+        # One loop serves the device: a model that cannot decode row by row holds all to static.
+        log.warning("batching_mode_static device_models=%s reason=static_only_models %s", modes,
+                    " ".join(f"{name}={reason}" for name, reason in sorted(static_only.items())))
+        return "static"
+    return "continuous"
 
-    def can_continue(engine: Engine) -> bool:
-        return bool(getattr(engine, "supports_continuous", hasattr(engine, "decoder")))
 
-    if modes and all(mode == "continuous" and can_continue(engines[name]) for name, mode in modes.items()):
-        return "continuous"
-    if "continuous" in modes.values():
-        log.warning("batching_mode_static device_models=%s reason=mixed_modes", modes)
-    return "static"
+def static_only_reason(engine: Engine) -> str | None:
+    """Why ``engine`` cannot run in a continuous loop (None when it can): its own reason, or that
+    it has no row-by-row decoder at all."""
+    if not hasattr(engine, "decoder"):
+        return "no_decoder"
+    return getattr(engine, "static_only_reason", None)
 
 
 def load_resolved(settings: Settings, factory: sessionmaker[Session], device: Device,
@@ -185,10 +196,21 @@ class LocalEngineSide:
 
         self.watcher = ModelWatcher(
             self.settings, self.sessions, self.engines, {parse_reference(r)[0]: r for r in references},
-            worker=device.name, load=lambda resolved: load_engine(resolved, device),
+            worker=device.name, load=lambda resolved: self._load_for_this_loop(resolved, device),
             run_on_loop=lambda call: self.batcher.call_on_loop(call).result(timeout=self.settings.max_job_seconds))
         for name, version_id in version_ids.items():
             self.watcher.loaded(name, version_id)
+
+    def _load_for_this_loop(self, resolved: store.ResolvedModel, device: Device) -> Engine:
+        """A promoted version's engine, refused when this device's continuous loop cannot decode
+        it (its jobs would all fail there): the loaded version keeps serving, and a restarted
+        worker serves the new one in static mode."""
+        engine = load_engine(resolved, device)
+        reason = static_only_reason(engine) if self.mode == "continuous" else None
+        if reason is not None:
+            raise ModelStoreError(f"{resolved.name} version {resolved.version} cannot join this worker's continuous "
+                                  f"batches ({reason}); restart the worker to serve it in static mode")
+        return engine
 
     def served(self) -> frozenset[str]:
         return frozenset(self.engines)

@@ -33,6 +33,8 @@ class ModelInfo:
     max_positions: int | None
     special_tokens: dict[str, Any]
     quantization: str | None
+    # Why it cannot join continuous batches (``decoders.why_not_row_by_row``), or None.
+    static_only_reason: str | None = None
 
 
 def max_positions(config: Any) -> int | None:
@@ -191,8 +193,11 @@ def inspect_directory(path: Path) -> ModelInfo:
     else:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         parameters = int(model.num_parameters())
+    from textnlp_jobs.inference.decoders import why_not_row_by_row
+
     return ModelInfo(
         architecture=str(architectures[0]), model_type=model_type, dtype=dtype, parameter_count=parameters,
         max_positions=max_positions(model.config), special_tokens=special,
         quantization=None if quantized is None else str(quantized.get("method")),
+        static_only_reason=why_not_row_by_row(model),
     )

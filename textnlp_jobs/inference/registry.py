@@ -179,6 +179,7 @@ class Registered:
     version: str
     path: Path
     created: bool
+    static_only_reason: str | None = None  # why it cannot join continuous batches, if it cannot
 
 
 def register_directory(settings: Settings, factory: sessionmaker[Session], path: Path, name: str, *,
@@ -211,7 +212,7 @@ def register_directory(settings: Settings, factory: sessionmaker[Session], path:
             version = record_version(session, name, target, info=info, description=description, manifest=manifest,
                                      in_place=not store.owns(store_dir, target), source_version_id=source_version_id,
                                      actor=actor)
-            return Registered(name, version.version, Path(version.path), not existed)
+            return Registered(name, version.version, Path(version.path), not existed, info.static_only_reason)
     except BaseException:
         if copied:
             store.empty_trash(store.to_trash(store_dir, target))

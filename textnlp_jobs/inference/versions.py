@@ -107,6 +107,10 @@ class ModelWatcher:
                 continue
             try:
                 self.switch(name, wanted)
+            except TextNLPError as error:  # refused with a reason (it cannot run in this loop, say)
+                self._failed[name] = wanted.version
+                log.error("model_switch_refused model=%s version=%s reason=%s", name, wanted.version, error.message)
+                continue
             except Exception:  # a version that does not load here: keep serving the one loaded
                 self._failed[name] = wanted.version
                 log.exception("model_switch_failed model=%s version=%s", name, wanted.version)
