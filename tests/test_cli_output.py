@@ -194,6 +194,38 @@ def test_the_demo_says_what_the_model_is_and_prints_no_banner_or_warning(embedde
     assert "2/2 jobs succeeded" in done.stderr
 
 
+def test_the_demos_advice_for_a_model_of_your_own_works_as_written(embedded_stack: LocalStack, tiny_model: Path,
+                                                                   tmp_path: Path) -> None:
+    import shlex
+    import signal
+
+    from textnlp_jobs.demo import ABOUT_THE_MODEL
+
+    # The demo's closing advice names three steps in backticks, with PATH and NAME to fill in.
+    register, serve, model_option = [shlex.split(step.replace("PATH", str(tiny_model)).replace("NAME", "mine"))
+                                     for step in re.findall(r"`([^`]+)`", ABOUT_THE_MODEL)]
+    assert register[0] == "textnlp-jobs" and serve[1] == "textnlp-jobs"
+    registered = cli(embedded_stack, *register[1:])
+    assert registered.returncode == 0, registered.stderr
+    submitted = cli(embedded_stack, "submit", "Return a new list", *model_option, "--max-new-tokens", "4")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    # Registered is not served: the producer hears so at once, and the job waits for a worker.
+    assert "warning queue.no_consumer: no live device worker serving model 'mine'" in submitted.stderr
+    variables = dict(item.split("=", 1) for item in serve[:1])
+    with (tmp_path / "worker.log").open("w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "textnlp_jobs.cli", *serve[2:]], cwd=REPO_ROOT,
+                                  env=embedded_stack.process_env(variables), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            waited = cli(embedded_stack, "wait", job_id, "--timeout", "150", timeout=200)
+            again = cli(embedded_stack, "submit", "Return a new list", *model_option, "--max-new-tokens", "4")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+    assert waited.returncode == 0, waited.stdout + waited.stderr + (tmp_path / "worker.log").read_text()[-3000:]
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr  # served now: nothing to say
+
+
 def test_building_and_registering_a_model_print_no_library_progress_bar(embedded_stack: LocalStack,
                                                                           tmp_path: Path) -> None:
     # Both load the model as a worker would (from_pretrained), which in transformers 5 draws a

@@ -157,6 +157,13 @@ class Client:
             known = device_workers.known_devices(session, self.settings.heartbeat_ttl_seconds)
         return {device.name: device.models for device in known}
 
+    def serving(self, model: str, device: str | None = None) -> builtins.list[str]:
+        """The devices whose worker is alive now and serves ``model`` (only ``device``, if given).
+        Empty: a job of it waits queued until such a worker starts (it is not lost)."""
+        with ledger_errors(self.settings), self.sessions() as session:
+            known = device_workers.known_devices(session, self.settings.heartbeat_ttl_seconds)
+        return [d.name for d in known if d.alive and model in d.models and device in (None, d.name)]
+
     @staticmethod
     def _check_device(job: repo.NewJob, devices: dict[str, builtins.list[str]]) -> None:
         """A pinned job must name a device a worker has served, and a model that device serves."""

@@ -32,7 +32,9 @@ DEMO_PROMPTS = [
 ABOUT_THE_MODEL = (
     "The demo model is a 1M-parameter GPT-2 (2 layers, 128 wide) that this machine trained for a minute on "
     "Python's own docstrings: its continuations are docstring-flavoured word salad, by design. For real text, "
-    "register a model directory of your own (`textnlp-jobs models register NAME PATH`) and submit with --model NAME."
+    "bring a model of your own: register its directory (`textnlp-jobs models register PATH --name NAME`), start a "
+    "worker that serves it (`TEXTNLP_PLACEMENT='{\"*\": [\"NAME\"]}' textnlp-jobs worker --device cpu.0`) "
+    "and submit with `--model NAME` (README: Models you bring)."
 )
 
 

@@ -69,6 +69,17 @@ def _show_finished(jobs: list[Job], *, as_json: bool) -> None:
         console.print(wait_summary(jobs))
 
 
+def _warn_unless_served(client: Any, model: str, device: str | None, count: int) -> None:
+    """A model registered but placed on no running worker is the first hour's silent wait: say so
+    (the jobs are safe; they run once a worker serving the model starts)."""
+    if client.serving(model, device):
+        return
+    where = f"device {device} serving model {model!r}" if device else f"device worker serving model {model!r}"
+    print(f"warning queue.no_consumer: no live {where}; the {count} job(s) stay queued until one starts "
+          f"(a worker serves the models TEXTNLP_PLACEMENT names for its device; README: Models you bring)",
+          file=sys.stderr)
+
+
 @app.command()
 def submit(
     prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
@@ -120,6 +131,7 @@ def submit(
         print(f"warning broker.unreachable: the broker could not be reached; {len(jobs)} job(s) are queued in "
               "the ledger and the reconciler will send them", file=sys.stderr)
         raise typer.Exit(EXIT_QUEUED_UNPUBLISHED)
+    _warn_unless_served(client, model, device, len(jobs))
     if not wait:
         if as_json:
             emit_json(jobs)
