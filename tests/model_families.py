@@ -82,3 +82,31 @@ def with_chat_template(source: Path, target: Path) -> Path:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(target)
     return target
+
+
+BOS, END_OF_TURN = "<s>", "<|end_of_turn|>"
+INSTRUCT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}"
+    "<|end_of_turn|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def instruct_llama(tokenizer_source: Path, target: Path) -> Path:
+    """A Llama-style model dressed as the instruct models people bring: its tokenizer begins every
+    sequence with a BOS token (as Llama's and Gemma's do), its chat template writes that BOS itself
+    and ends each turn with a token of its own."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_file(str(tokenizer_source / "tokenizer.json"))
+    backend.add_special_tokens([BOS, END_OF_TURN])
+    bos_id = backend.token_to_id(BOS)
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                           special_tokens=[(BOS, bos_id)])
+    base = json.loads((tokenizer_source / "tokenizer_config.json").read_text())
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=base["eos_token"],
+                                        pad_token=base["eos_token"])
+    tokenizer.chat_template = INSTRUCT_TEMPLATE
+    tokenizer_dir = target.parent / f"{target.name}-tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    return build_family("llama", tokenizer_dir, target)

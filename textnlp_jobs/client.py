@@ -300,9 +300,10 @@ class Client:
         return tokenizer
 
     def _count_tokens(self, model: str, prompt: str) -> int | None:
-        """Tokens in ``prompt`` by the model's own tokenizer, or None (see ``_tokenizer``)."""
+        """Tokens in ``prompt`` by the model's own tokenizer, or None (see ``_tokenizer``): with the
+        special tokens its tokenizer.json adds (a BOS), as the worker counts them."""
         tokenizer = self._tokenizer(model)
-        return None if tokenizer is None else len(tokenizer.encode(prompt, add_special_tokens=False).ids)
+        return None if tokenizer is None else len(tokenizer.encode(prompt, add_special_tokens=True).ids)
 
     def _counted_together(self, specs: builtins.list[Any]) -> Callable[[str, str], int | None]:
         """``_count_tokens`` for a submit_many: the plain prompts of each model are counted in one
@@ -325,7 +326,7 @@ class Client:
                 continue
             prompts = builtins.list(unique)
             try:
-                encoded = tokenizer.encode_batch(prompts, add_special_tokens=False)
+                encoded = tokenizer.encode_batch(prompts, add_special_tokens=True)
             except Exception:  # e.g. a lone surrogate: validation names it, one job at a time
                 continue
             counted.update(((model, prompt), len(e.ids)) for prompt, e in zip(prompts, encoded, strict=True))

@@ -56,6 +56,10 @@ def models_register(
     if done.static_only_reason is not None:
         say(f"note: {done.name} runs in static batches ({done.static_only_reason}): it cannot join continuous "
             f"ones, so a device serving it batches all its models statically")
+    if done.ignored_generation_defaults:
+        settings_text = ", ".join(f"{key}={value}" for key, value in done.ignored_generation_defaults.items())
+        say(f"note: {done.name}'s generation_config.json sets {settings_text}; jobs decode with their own "
+            f"temperature, top_p and top_k (greedy unless a job sets them), not with these")
     console.print(done.version, markup=False, highlight=False)  # stdout: the version id, for scripts
 
 

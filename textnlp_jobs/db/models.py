@@ -176,7 +176,8 @@ class ModelVersion(Base):
     dtype: Mapped[str | None] = mapped_column(String(32))
     parameter_count: Mapped[int | None] = mapped_column(BigInteger)
     max_positions: Mapped[int | None] = mapped_column(Integer)
-    # {"eos_token": "...", "eos_token_id": 0, "pad_token": null, ..., "chat_template": true}
+    # {"eos_token": "...", "eos_token_id": 0, "stop_token_ids": [0], "pad_token": null, ...,
+    #  "chat_template": true}
     special_tokens: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     # A quantized variant points at the version it was built from.
     source_version_id: Mapped[int | None] = mapped_column(

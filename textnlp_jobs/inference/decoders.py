@@ -243,7 +243,7 @@ class TransformersDecoder:
     def _choose(self, logits: Any, rows: Sequence[_Row]) -> Any:
         first = [not row.tokens for row in rows]
         chosen, picked = choose_tokens(logits, [row.request for row in rows], [row.generator for row in rows],
-                                       first, self.engine.eos_id, self.engine.vocab_limit)
+                                       first, self.engine.stop_ids, self.engine.vocab_limit)
         for row, token, logprob in zip(rows, chosen.tolist(), picked.tolist(), strict=True):
             if not row.done:
                 row.tokens.append(token)
@@ -251,14 +251,14 @@ class TransformersDecoder:
         return chosen
 
     def _leave(self) -> Finished:
-        eos = self.engine.eos_id
+        stops = self.engine.stop_ids
         done: Finished = []
         leaving = []
         for i, row in enumerate(self.rows):
             if row.done:
                 continue
-            if row.tokens[-1] == eos or len(row.tokens) >= row.request.max_new_tokens:
-                tokens = row.tokens[:-1] if row.tokens[-1] == eos else row.tokens
+            if row.tokens[-1] in stops or len(row.tokens) >= row.request.max_new_tokens:
+                tokens = row.tokens[:-1] if row.tokens[-1] in stops else row.tokens
                 # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
                 text = str(self.engine.tokenizer.decode(tokens, skip_special_tokens=True)).replace("\x00", "\ufffd")
                 done.append((row.key, EngineResult(text, tokens, row.logprobs[: len(tokens)])))

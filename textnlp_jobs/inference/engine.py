@@ -87,12 +87,13 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def choose_tokens(logits: Any, requests: Sequence[EngineRequest], generators: Sequence[Any],
-                  first: Sequence[bool], eos_id: int, vocab_limit: int) -> tuple[Any, Any]:
+                  first: Sequence[bool], stop_ids: Sequence[int], vocab_limit: int) -> tuple[Any, Any]:
     """Each row's next token and the model's log-probability of it, both ``[rows]`` tensors.
 
     Greedy rows take the argmax, sampled rows draw with their own generator (so a seeded row
-    draws the same numbers in any batch), a row at its ``first`` step may not end at once (an
-    empty result helps no one). The static engine and the continuous decoder both pick here."""
+    draws the same numbers in any batch), a row at its ``first`` step may not end at once, by any
+    of the ``stop_ids`` (an empty result helps no one). The static engine and the continuous
+    decoder both pick here."""
     import torch
 
     logits = logits.float()
@@ -101,7 +102,8 @@ def choose_tokens(logits: Any, requests: Sequence[EngineRequest], generators: Se
     log_probs = torch.log_softmax(logits, dim=-1)
     firsts = [row for row, is_first in enumerate(first) if is_first]
     if firsts:
-        logits[firsts, eos_id] = -math.inf
+        rows = torch.tensor(firsts, device=logits.device).unsqueeze(1)
+        logits[rows, torch.tensor(stop_ids, device=logits.device)] = -math.inf
     chosen = torch.argmax(logits, dim=-1)
     for row, request in enumerate(requests):
         if not request.sampling.greedy:
@@ -141,11 +143,12 @@ class _RowwiseChooser:
     """A logits processor that picks each row's next token itself (``choose_tokens``) and
     records the model's log-probability of that token; a row past its own limit gets EOS."""
 
-    def __init__(self, requests: Sequence[EngineRequest], prompt_width: int, eos_id: int,
+    def __init__(self, requests: Sequence[EngineRequest], prompt_width: int, stop_ids: Sequence[int],
                  vocab_limit: int, device: Any) -> None:
         self.requests = requests
         self.prompt_width = prompt_width
-        self.eos_id = eos_id
+        self.stop_ids = stop_ids
+        self.eos_id = stop_ids[0]
         self.vocab_limit = vocab_limit
         self.logprobs: list[list[float]] = [[] for _ in requests]
         self.generators = [seeded_generator(request, device) for request in requests]
@@ -155,7 +158,7 @@ class _RowwiseChooser:
 
         step = input_ids.shape[1] - self.prompt_width
         chosen, picked = choose_tokens(scores, self.requests, self.generators, [step == 0] * len(self.requests),
-                                       self.eos_id, self.vocab_limit)
+                                       self.stop_ids, self.vocab_limit)
         picked_list = picked.tolist()
         for row, request in enumerate(self.requests):
             if step >= request.max_new_tokens:
@@ -173,8 +176,15 @@ class TransformersEngine:
     def __init__(self, model_name: str, model_version: str, path: Path, device: str = "cpu") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
+        from transformers import GenerationConfig
 
-        from textnlp_jobs.inference.loading import eos_token_id, load_model, load_tokenizer, max_positions
+        from textnlp_jobs.inference.loading import (
+            eos_token_id,
+            load_model,
+            load_tokenizer,
+            max_positions,
+            stop_token_ids,
+        )
 
         self.model_name = model_name
         self.model_version = model_version
@@ -191,6 +201,13 @@ class TransformersEngine:
         if eos is None:
             raise ModelStoreError(f"{model_name} version {model_version} names no end-of-sequence token")
         self.eos_id = eos
+        rows = int(self.model.get_input_embeddings().num_embeddings)
+        # Every id that ends a job (a chat model's end-of-turn among them), the EOS id first.
+        self.stop_ids = tuple(t for t in stop_token_ids(self.tokenizer, self.model) if 0 <= t < rows)
+        # generate() fills each setting its call leaves unset from model.generation_config, so a
+        # model's repetition_penalty or no_repeat_ngram_size would change static batches and not
+        # continuous ones (which call forward). A job decodes with its own settings alone.
+        self.model.generation_config = GenerationConfig()
         # A tokenizer without a pad token pads with EOS: padded positions are masked out anyway.
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
         self.vocab_limit = len(self.tokenizer)
@@ -202,8 +219,13 @@ class TransformersEngine:
         self.static_only_reason = why_not_row_by_row(self.model)
 
     def tokenize(self, prompt: str) -> list[int]:
+        """A plain prompt's ids, with the special tokens the tokenizer adds by default: a Llama or
+        Gemma tokenizer begins every sequence with its BOS token, as the model was trained."""
+        return self._encode(prompt, special_tokens=True)
+
+    def _encode(self, text: str, *, special_tokens: bool) -> list[int]:
         try:
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = self.tokenizer.encode(text, add_special_tokens=special_tokens)
         except Exception as error:  # the tokenizer's own errors vary by backend
             raise TokenizationError(f"prompt could not be tokenized: {type(error).__name__}") from error
         if not ids:
@@ -220,9 +242,9 @@ class TransformersEngine:
         try:
             backend = self._plain_backend()
             if backend is not None:
-                encoded = [encoding.ids for encoding in backend.encode_batch(list(prompts), add_special_tokens=False)]
+                encoded = [encoding.ids for encoding in backend.encode_batch(list(prompts), add_special_tokens=True)]
             else:
-                encoded = self.tokenizer(list(prompts), add_special_tokens=False, return_attention_mask=False,
+                encoded = self.tokenizer(list(prompts), add_special_tokens=True, return_attention_mask=False,
                                          return_token_type_ids=False)["input_ids"]
         except Exception:  # one prompt the tokenizer refuses: find it, one by one
             return [self._tokenize_or_error(prompt) for prompt in prompts]
@@ -260,7 +282,8 @@ class TransformersEngine:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as error:  # jinja errors from a template that rejects these messages
             raise TokenizationError(f"chat template failed: {type(error).__name__}: {error}") from error
-        return self.tokenize(str(text))
+        # The template writes the special tokens it wants (a BOS among them): none are added.
+        return self._encode(str(text), special_tokens=False)
 
     def warm_up(self) -> None:
         """One tiny generation so the first job does not pay for lazy initialisation."""
@@ -289,9 +312,9 @@ class TransformersEngine:
         for row, request in enumerate(requests):  # left padding: the prompt ends where generation starts
             input_ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
             mask[row, width - len(request.prompt_ids):] = 1
-        chooser = _RowwiseChooser(requests, width, self.eos_id, self.vocab_limit, self.device)
+        chooser = _RowwiseChooser(requests, width, self.stop_ids, self.vocab_limit, self.device)
         config = GenerationConfig(max_new_tokens=longest, do_sample=False, pad_token_id=self.pad_id,
-                                  eos_token_id=self.eos_id, bos_token_id=self.eos_id)
+                                  eos_token_id=list(self.stop_ids), bos_token_id=self.eos_id)
         try:
             with torch.inference_mode():
                 output = self.model.generate(
@@ -308,8 +331,7 @@ class TransformersEngine:
         results = []
         for row, request in enumerate(requests):
             new = output[row, width:].tolist()[: request.max_new_tokens]
-            if self.eos_id in new:
-                new = new[: new.index(self.eos_id)]
+            new = new[: next((i for i, token in enumerate(new) if token in self.stop_ids), len(new))]
             # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
             text = str(self.tokenizer.decode(new, skip_special_tokens=True)).replace("\x00", "\ufffd")
             results.append(EngineResult(text, new, chooser.logprobs[row][: len(new)]))

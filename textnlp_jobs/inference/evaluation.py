@@ -27,7 +27,7 @@ def perplexity(model: Any, tokenizer: Any, texts: tuple[str, ...] = HELDOUT_TEXT
     total, count = 0.0, 0
     with torch.inference_mode():
         for text in texts:
-            ids = tokenizer.encode(text, add_special_tokens=False)[:limit]
+            ids = tokenizer.encode(text)[:limit]
             if len(ids) < 2:
                 continue
             tensor = torch.tensor([ids])
@@ -44,7 +44,7 @@ def tokens_per_second(model: Any, tokenizer: Any, batch: int, new_tokens: int = 
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer, model.config)
-    rows = [tokenizer.encode(p, add_special_tokens=False) for p in prompt_openings(batch)]
+    rows = [tokenizer.encode(p) for p in prompt_openings(batch)]
     width = max(len(r) for r in rows)
     ids = torch.full((batch, width), int(pad or 0), dtype=torch.long)
     mask = torch.zeros((batch, width), dtype=torch.long)

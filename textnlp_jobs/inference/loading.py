@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class ModelInfo:
     quantization: str | None
     # Why it cannot join continuous batches (``decoders.why_not_row_by_row``), or None.
     static_only_reason: str | None = None
+    # What its generation_config.json sets that jobs do not follow (``generation_defaults``).
+    ignored_generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def max_positions(config: Any) -> int | None:
@@ -153,6 +155,41 @@ def eos_token_id(tokenizer: Any, config: Any) -> int | None:
     return int(value) if value is not None else None
 
 
+def stop_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
+    """Every id that ends a job: the end-of-sequence id first, then each other id the model's
+    config.json or generation_config.json names. Chat models end a turn with a token of their own
+    (``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``) that only generation_config.json lists;
+    stopping at the tokenizer's one alone ran every chat reply on to its max_new_tokens."""
+    found: list[int] = []
+    for value in (eos_token_id(tokenizer, model.config), getattr(model.config, "eos_token_id", None),
+                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for token in value if isinstance(value, list | tuple) else [value]:
+            if token is not None and int(token) not in found:
+                found.append(int(token))
+    return tuple(found)
+
+
+# generation_config.json keys that do not change which tokens a job gets (token ids are honoured
+# through ``stop_token_ids``; lengths come from the job; caching and output flags are the engine's).
+_NEUTRAL_GENERATION_KEYS = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+    "_from_model_config", "use_cache", "cache_implementation", "cache_config", "max_length", "max_new_tokens",
+    "return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states",
+    "num_return_sequences", "trust_remote_code",
+})
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """The decoding defaults a model's generation_config.json sets (``temperature``,
+    ``repetition_penalty``...) that this system does not apply: a job decodes with its own
+    settings alone, in static and continuous batches alike. For ``models register`` to say so."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    return {key: value for key, value in sorted(config.to_diff_dict().items())
+            if key not in _NEUTRAL_GENERATION_KEYS and value is not None}
+
+
 def inspect_directory(path: Path) -> ModelInfo:
     """Load ``path`` as a worker would and describe it; ``ModelRegistrationError`` saying what is
     wrong (missing file, unknown architecture, tokenizer that does not fit) otherwise."""
@@ -185,6 +222,7 @@ def inspect_directory(path: Path) -> ModelInfo:
         special[name] = None if token is None else str(token)
         special[f"{name}_id"] = None if token_id is None else int(token_id)
     special["eos_token_id"] = eos
+    special["stop_token_ids"] = [token for token in stop_token_ids(tokenizer, model) if 0 <= token < rows]
     special["chat_template"] = bool(getattr(tokenizer, "chat_template", None))
     quantized = quantization_of(path)
     architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
@@ -199,5 +237,5 @@ def inspect_directory(path: Path) -> ModelInfo:
         architecture=str(architectures[0]), model_type=model_type, dtype=dtype, parameter_count=parameters,
         max_positions=max_positions(model.config), special_tokens=special,
         quantization=None if quantized is None else str(quantized.get("method")),
-        static_only_reason=why_not_row_by_row(model),
+        static_only_reason=why_not_row_by_row(model), ignored_generation_defaults=generation_defaults(model),
     )

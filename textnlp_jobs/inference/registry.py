@@ -14,7 +14,7 @@ import getpass
 import logging
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,8 @@ class Registered:
     path: Path
     created: bool
     static_only_reason: str | None = None  # why it cannot join continuous batches, if it cannot
+    # What its generation_config.json sets that jobs do not follow (``loading.generation_defaults``).
+    ignored_generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def register_directory(settings: Settings, factory: sessionmaker[Session], path: Path, name: str, *,
@@ -212,7 +214,8 @@ def register_directory(settings: Settings, factory: sessionmaker[Session], path:
             version = record_version(session, name, target, info=info, description=description, manifest=manifest,
                                      in_place=not store.owns(store_dir, target), source_version_id=source_version_id,
                                      actor=actor)
-            return Registered(name, version.version, Path(version.path), not existed, info.static_only_reason)
+            return Registered(name, version.version, Path(version.path), not existed, info.static_only_reason,
+                              info.ignored_generation_defaults)
     except BaseException:
         if copied:
             store.empty_trash(store.to_trash(store_dir, target))
