@@ -253,3 +253,31 @@ def test_help_reads_as_prose_not_as_the_source_lines(embedded_stack: LocalStack)
     assert "With no settings at all everything runs embedded" in top
     cancel = cli(embedded_stack, "cancel", "--help", env={"COLUMNS": "200"}).stdout
     assert "is left as it was: the command says so" in cancel
+
+
+def test_submit_chat_sends_the_prompt_through_the_models_chat_template(embedded_stack: LocalStack,
+                                                                        tiny_model: Path, tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from textnlp_jobs.client import Client
+    from textnlp_jobs.db.models import Generation, Prompt
+
+    from .model_families import with_chat_template
+
+    chatty = with_chat_template(tiny_model, tmp_path / "chatty")
+    assert cli(embedded_stack, "models", "register", str(chatty), "--name", "chatty").returncode == 0
+    user_only = cli(embedded_stack, "submit", "--chat", "Return a new list", "--model", "chatty")
+    with_system = cli(embedded_stack, "submit", "--system", "Answer briefly.", "-", "--model", "chatty",
+                      stdin="Return a new list")
+    assert user_only.returncode == 0 and with_system.returncode == 0, user_only.stderr + with_system.stderr
+    ids = [uuid.UUID(user_only.stdout.strip()), uuid.UUID(with_system.stdout.strip())]
+    with Client(embedded_stack.settings()).sessions() as session:
+        stored = dict(session.execute(select(Generation.id, Prompt.text)
+                                      .join(Prompt, Prompt.id == Generation.prompt_id)
+                                      .where(Generation.id.in_(ids))).all())
+    assert json.loads(stored[ids[0]]) == [{"role": "user", "content": "Return a new list"}]
+    assert json.loads(stored[ids[1]]) == [{"role": "system", "content": "Answer briefly."},
+                                          {"role": "user", "content": "Return a new list"}]
+    # A model without a chat template: one clear error, nothing queued.
+    refused = cli(embedded_stack, "submit", "--chat", "Return a new list", "--model", "demo")
+    assert_one_line_error(refused, "input.no_chat_template")

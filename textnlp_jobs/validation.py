@@ -106,7 +106,8 @@ def validate_job(
     if not isinstance(model, str) or model not in known_models:
         raise UnknownModelError(str(model), list(known_models))
     if chat and has_chat_template is not None and has_chat_template(model) is False:
-        raise InputError("messages", f"model {model!r} has no chat template; send a prompt instead",
+        raise InputError("messages", f"model {model!r} has no chat template; send a plain prompt instead "
+                         "(no messages, no --chat)",
                          code=ErrorCode.INPUT_NO_CHAT_TEMPLATE)
     prompt_tokens = None if chat else count_tokens(model, prompt)  # the template adds tokens: the worker counts
     if prompt_tokens is not None and prompt_tokens > settings.max_prompt_tokens:

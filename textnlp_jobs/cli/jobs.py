@@ -98,6 +98,9 @@ def submit(
     = None,
     device: Annotated[str | None, typer.Option(help="Pin to one device, e.g. cpu.0 or node/cuda.1.")] = None,
     count: Annotated[int, typer.Option(min=1, max=1_000_000, help="Submit the prompt this many times.")] = 1,
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the model's "
+                                                      "chat template, the form an instruct model expects.")] = False,
+    system: Annotated[str | None, typer.Option(help="A system message before the prompt (implies --chat).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result(s).")] = False,
     timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait with --wait.")] = 300.0,
     as_json: JsonOption = False,
@@ -109,9 +112,14 @@ def submit(
     from textnlp_jobs.client import Client
 
     client = Client(settings)
-    spec: dict[str, Any] = {"prompt": text, "model": model, "temperature": temperature, "top_p": top_p,
+    spec: dict[str, Any] = {"model": model, "temperature": temperature, "top_p": top_p,
                             "top_k": top_k, "seed": seed, "priority": priority, "device": device,
                             "deadline": parse_deadline(deadline)}
+    if chat or system is not None:
+        system_turn = [] if system is None else [{"role": "system", "content": system}]
+        spec["messages"] = [*system_turn, {"role": "user", "content": text}]
+    else:
+        spec["prompt"] = text
     if max_new_tokens is not None:
         spec["max_new_tokens"] = max_new_tokens
     specs = [dict(spec, idempotency_key=f"{idempotency_key}:{i}" if idempotency_key and count > 1
