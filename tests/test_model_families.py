@@ -77,6 +77,9 @@ def test_llama_qwen2_and_no_pad_token_models_serve_batched_jobs_with_the_greedy_
                           [chat_engine.tokenize_chat([{"role": "user", "content": p}]) for p in prompts[:3]], 10)
     assert [j.status for j in chat_done] == ["succeeded"] * 3, worker.log_tail()
     assert [j.text for j in chat_done] == [decoded(chat_engine, ids) for ids in expected_chat]
+    # The producer cannot count a chat job's tokens (the template adds some): the worker records them.
+    assert [j.prompt_tokens for j in chat_done] == [
+        len(chat_engine.tokenize_chat([{"role": "user", "content": p}])) for p in prompts[:3]]
 
 
 def decoded(engine: TransformersEngine, ids: list[int]) -> str:

@@ -471,6 +471,7 @@ class Outcome:
     batch_size: int
     queue_wait_seconds: float
     inference_seconds: float
+    prompt_tokens: int | None = None  # as the model read them; None keeps what the producer counted
 
 
 def _owned_by(job_id: uuid.UUID, attempt: int) -> Any:
@@ -509,8 +510,9 @@ def write_successes(session: Session, results: Sequence[Finished], worker: str) 
 
 
 def _success_values(outcome: Outcome, now: datetime) -> dict[str, Any]:
+    counted = {} if outcome.prompt_tokens is None else {"prompt_tokens": outcome.prompt_tokens}
     return {
-        "status": JobStatus.SUCCEEDED.value, "result_text": outcome.text,
+        **counted, "status": JobStatus.SUCCEEDED.value, "result_text": outcome.text,
         "tokens_generated": outcome.tokens_generated, "mean_logprob": outcome.mean_logprob,
         "model_version": outcome.model_version, "batch_size": outcome.batch_size,
         "queue_wait_seconds": outcome.queue_wait_seconds, "inference_seconds": outcome.inference_seconds,
@@ -528,13 +530,15 @@ WITH v AS (
     SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS integer[]), CAST(:texts AS text[]),
                          CAST(:tokens AS integer[]), CAST(:logprobs AS double precision[]),
                          CAST(:versions AS varchar[]), CAST(:batches AS integer[]),
-                         CAST(:waits AS double precision[]), CAST(:inferences AS double precision[]))
-        AS v(id, attempt, text, tokens, logprob, version, batch, wait, inference)
+                         CAST(:waits AS double precision[]), CAST(:inferences AS double precision[]),
+                         CAST(:prompts AS integer[]))
+        AS v(id, attempt, text, tokens, logprob, version, batch, wait, inference, prompt)
 ), written AS (
     UPDATE {Generation.__tablename__} AS g
        SET status = :succeeded, result_text = v.text, tokens_generated = v.tokens, mean_logprob = v.logprob,
            model_version = v.version, batch_size = v.batch, queue_wait_seconds = v.wait,
-           inference_seconds = v.inference, error_code = NULL, error_message = NULL,
+           inference_seconds = v.inference, prompt_tokens = COALESCE(v.prompt, g.prompt_tokens),
+           error_code = NULL, error_message = NULL,
            lease_expires_at = NULL, finished_at = :now, updated_at = :now
       FROM v
      WHERE g.id = v.id AND g.status = :running AND g.attempts = v.attempt
@@ -557,7 +561,7 @@ def _write_group_postgres(session: Session, results: Sequence[Finished], worker:
         "texts": [o.text for o in outcomes], "tokens": [o.tokens_generated for o in outcomes],
         "logprobs": [o.mean_logprob for o in outcomes], "versions": [o.model_version for o in outcomes],
         "batches": [o.batch_size for o in outcomes], "waits": [o.queue_wait_seconds for o in outcomes],
-        "inferences": [o.inference_seconds for o in outcomes],
+        "inferences": [o.inference_seconds for o in outcomes], "prompts": [o.prompt_tokens for o in outcomes],
         "succeeded": JobStatus.SUCCEEDED.value, "running": JobStatus.RUNNING.value, "now": now,
         "actor": worker[:255], "action": RESULT_WRITTEN,
     }).scalars().all()

@@ -42,6 +42,9 @@ class BatchedResult:
     batch_size: int
     inference_seconds: float
     waited_seconds: float
+    # The tokens the model read, chat template and special tokens included: the ledger's
+    # prompt_tokens (the producer cannot count a chat job's, nor any without the tokenizer).
+    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -212,6 +215,7 @@ class MicroBatcher(DeviceLoop):
         for pending, result in zip(batch, results, strict=True):
             pending.future.set_result(BatchedResult(
                 result, engine.model_version, len(batch), elapsed, started - pending.arrived,
+                len(pending.request.prompt_ids),
             ))
 
     @staticmethod

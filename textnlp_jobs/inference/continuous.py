@@ -376,7 +376,7 @@ class ContinuousBatcher(DeviceLoop):
                 metrics.input_length_bucket(len(job.request.prompt_ids))).observe(now - admitted)
             if not job.future.done():
                 job.future.set_result(BatchedResult(result, running.engine.model_version, size, now - admitted,
-                                                    admitted - job.arrived))
+                                                    admitted - job.arrived, len(job.request.prompt_ids)))
         if not running.jobs:
             running.cap = None
             # An idle device is not a slow one: the next window starts with the next batch.

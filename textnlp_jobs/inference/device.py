@@ -275,7 +275,7 @@ class DeviceRuntime:
             text=result.text, tokens_generated=result.tokens_generated, mean_logprob=result.mean_logprob,
             model_version=done.model_version, batch_size=done.batch_size,
             queue_wait_seconds=(utcnow() - job.created_at).total_seconds() - done.inference_seconds,
-            inference_seconds=done.inference_seconds,
+            inference_seconds=done.inference_seconds, prompt_tokens=done.prompt_tokens,
         ))
 
     def _succeeded(self, job: repo.ClaimedJob) -> str:

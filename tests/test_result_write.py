@@ -1,0 +1,29 @@
+"""The group result write records the prompt's tokens as the model read them, on both ledgers:
+a chat job (which the producer cannot count: the template adds tokens) gets its count with its
+result, and a write that brings none keeps what the producer counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from textnlp_jobs.client import Client
+from textnlp_jobs.db import repository as repo
+from textnlp_jobs.local_stack import LocalStack
+
+
+@pytest.mark.parametrize("ledger", ["stack", "embedded_stack"])
+def test_a_result_records_the_prompt_tokens_the_model_read(ledger: str, request: pytest.FixtureRequest) -> None:
+    stack: LocalStack = request.getfixturevalue(ledger)
+    client = Client(stack.settings())
+    kept, recounted = client.submit_many([{"prompt": "Return a new list", "model": "demo"},
+                                             {"prompt": "Raise an exception if", "model": "demo"}])
+    assert kept.prompt_tokens is not None
+    with client.sessions() as session, session.begin():
+        claims = repo.claim_many(session, [kept.id, recounted.id], "test/cpu.0", 60)
+        outcome = {job_id: repo.Outcome("text", 1, -0.5, "v", 2, 0.1, 0.2, prompt_tokens=tokens)
+                   for job_id, tokens in ((kept.id, None), (recounted.id, 17))}
+        written = repo.write_successes(session, [repo.Finished(job_id, claim.job.attempt, outcome[job_id])
+                                                 for job_id, claim in claims.items() if claim.job], "test/cpu.0")
+    assert written == {kept.id, recounted.id}
+    assert client.get(kept.id).prompt_tokens == kept.prompt_tokens  # none brought: the producer's stays
+    assert client.get(recounted.id).prompt_tokens == 17
