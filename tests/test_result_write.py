@@ -27,3 +27,22 @@ def test_a_result_records_the_prompt_tokens_the_model_read(ledger: str, request:
     assert written == {kept.id, recounted.id}
     assert client.get(kept.id).prompt_tokens == kept.prompt_tokens  # none brought: the producer's stays
     assert client.get(recounted.id).prompt_tokens == 17
+
+
+def test_finish_reason_says_whether_the_model_ended_the_text_or_max_new_tokens_cut_it(
+        embedded_stack: LocalStack) -> None:
+    from textnlp_jobs.display import job_detail, to_jsonable
+
+    client = Client(embedded_stack.settings())
+    ended, cut, waiting = client.submit_many([{"prompt": p, "model": "demo", "max_new_tokens": 8}
+                                              for p in ("Return a new list", "Read the file and", "If the")])
+    with client.sessions() as session, session.begin():
+        claims = repo.claim_many(session, [ended.id, cut.id], "test/cpu.0", 60)
+        # The end-of-sequence token that ended a text is not one of its tokens_generated.
+        outcome = {ended.id: repo.Outcome("a b", 7, -0.5, "v", 2, 0.1, 0.2),
+                   cut.id: repo.Outcome("a b c", 8, -0.5, "v", 2, 0.1, 0.2)}
+        repo.write_successes(session, [repo.Finished(job_id, claims[job_id].job.attempt, outcome[job_id])
+                                       for job_id in outcome], "test/cpu.0")  # type: ignore[union-attr]
+    assert [client.get(j.id).finish_reason for j in (ended, cut, waiting)] == ["stop", "length", None]
+    assert to_jsonable(client.get(cut.id))["finish_reason"] == "length"  # --json shows it
+    assert any("max_new_tokens reached" in str(cell) for cell in job_detail(client.get(cut.id)).columns[1].cells)

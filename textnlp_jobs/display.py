@@ -31,7 +31,8 @@ def progress_bar(console: Console) -> Progress:
 def to_jsonable(value: Any) -> Any:
     """``value`` with dataclasses, ids, times, paths and enums turned into JSON types."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return fields | {"finish_reason": value.finish_reason} if isinstance(value, Job) else fields
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -91,6 +92,9 @@ def job_detail(job: Job) -> Table:
         ("tokens", f"{job.prompt_tokens or '?'} in, {job.tokens_generated or 0} out"
          + (f" (batch of {job.batch_size})" if job.batch_size else "")),
     ]
+    if job.finish_reason is not None:
+        rows.append(("ended", {"stop": "stop: the model ended it",
+                               "length": "length: max_new_tokens reached"}[job.finish_reason]))
     if job.error_code:
         rows.append(("error", f"{job.error_code}: {job.error_message or ''}"))
     if job.text is not None:

@@ -93,6 +93,15 @@ class Job:
         """True once the job reached a final status (succeeded, failed, cancelled, expired, dead)."""
         return self.status.is_final
 
+    @property
+    def finish_reason(self) -> str | None:
+        """Why a succeeded job's text ends: ``"stop"`` when the model ended it (an end-of-sequence
+        or end-of-turn token, which is not counted in ``tokens_generated``), ``"length"`` when it
+        reached ``max_new_tokens`` (the text may stop mid-sentence). None unless it succeeded."""
+        if self.status != JobStatus.SUCCEEDED or self.tokens_generated is None:
+            return None
+        return "length" if self.tokens_generated >= self.max_new_tokens else "stop"
+
 
 @dataclass(frozen=True)
 class ClaimedJob:
