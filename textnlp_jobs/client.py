@@ -76,10 +76,11 @@ class Client:
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                idempotency_key: str | None = None, priority: int = 0, deadline: datetime | None = None,
                device: str | None = None, max_attempts: int | None = None,
-               messages: builtins.list[dict[str, str]] | None = None) -> Job:
+               messages: builtins.list[dict[str, str]] | None = None,
+               stop: str | builtins.list[str] | None = None) -> Job:
         """Queue one generation job; an idempotency key already used returns that job instead.
         ``messages=[{"role": "user", "content": "…"}, …]`` instead of ``prompt`` applies the model's
-        chat template."""
+        chat template. ``stop``: up to 4 strings; the text ends before the first one the model writes."""
         spec: dict[str, Any] = {
             "prompt": prompt, "model": model, "temperature": temperature, "top_p": top_p, "top_k": top_k,
             "seed": seed, "idempotency_key": idempotency_key, "priority": priority, "deadline": deadline,
@@ -91,6 +92,8 @@ class Client:
             spec["max_new_tokens"] = max_new_tokens
         if max_attempts is not None:
             spec["max_attempts"] = max_attempts
+        if stop is not None:
+            spec["stop"] = stop
         return self.submit_many([spec])[0]
 
     def submit_many(self, specs: Iterable[dict[str, Any]], progress: Callable[[int], None] | None = None,

@@ -47,6 +47,7 @@ class ErrorCode(enum.StrEnum):
     INPUT_MAX_ATTEMPTS_OUT_OF_RANGE = "input.max_attempts_out_of_range"
     INPUT_MESSAGES_INVALID = "input.messages_invalid"
     INPUT_NO_CHAT_TEMPLATE = "input.no_chat_template"
+    INPUT_STOP_INVALID = "input.stop_invalid"
     INPUT_JOB_INVALID = "input.job_invalid"
     INPUT_UNKNOWN_DEVICE = "input.unknown_device"
     INPUT_TOO_LONG_FOR_MODEL = "input.too_long_for_model"

@@ -19,6 +19,23 @@ _MAX_SEED = 2**63 - 1
 TokenCounter = Callable[[str, str], int | None]  # (model, prompt) -> tokens, None if unknown here
 ChatCheck = Callable[[str], bool | None]  # model -> has a chat template, None if unknown here
 _MAX_MESSAGES = 256
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARACTERS = 64
+
+
+def _stop_strings(value: Any) -> list[str]:
+    """A job's stop strings: its text ends before the first of them the model writes. A single
+    string is taken as a list of one; none (the default) is an empty list."""
+    stops = [value] if isinstance(value, str) else value
+    if stops is None:
+        return []
+    if (not isinstance(stops, list | tuple) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 1 <= len(s) <= MAX_STOP_CHARACTERS for s in stops)):
+        raise InputError("stop", f"must be up to {MAX_STOP_STRINGS} non-empty strings of at most "
+                                 f"{MAX_STOP_CHARACTERS} characters each", code=ErrorCode.INPUT_STOP_INVALID)
+    if any("\x00" in s or any(0xD800 <= ord(c) <= 0xDFFF for c in s) for s in stops):
+        raise InputError("stop", "must be valid text (no NUL, no lone surrogate)", code=ErrorCode.INPUT_STOP_INVALID)
+    return list(dict.fromkeys(stops))
 
 
 def _messages_text(messages: Any, settings: Settings) -> str:
@@ -93,7 +110,7 @@ def validate_job(
         raise InputError("job", f"must be a dict of job parameters, got {type(spec).__name__}",
                          code=ErrorCode.INPUT_JOB_INVALID)
     allowed = {"prompt", "messages", "model", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "priority",
-               "idempotency_key", "deadline", "device", "max_attempts"}
+               "idempotency_key", "deadline", "device", "max_attempts", "stop"}
     unknown = set(spec) - allowed
     if unknown:
         raise InputError(sorted(unknown)[0], "is not a job parameter", code=ErrorCode.INPUT_UNKNOWN_PARAMETER)
@@ -119,6 +136,7 @@ def validate_job(
     temperature = _number("temperature", spec.get("temperature", 0.0), float, 0.0, settings.max_temperature)
     top_p = _number("top_p", spec.get("top_p", 1.0), float, 0.0, 1.0, low_open=True)
     top_k = _number("top_k", spec.get("top_k", 0), int, 0, 1_000_000)
+    stop = _stop_strings(spec.get("stop"))
     positions = max_positions(model) if max_positions is not None else None
     if positions is not None and prompt_tokens is not None and prompt_tokens + max_new_tokens > positions:
         raise InputError("prompt", f"is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that is "
@@ -150,6 +168,8 @@ def validate_job(
     params: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
     if chat:
         params["chat"] = True
+    if stop:  # absent when none, so a job without stop strings keeps the fingerprint it always had
+        params["stop"] = stop
     return NewJob(prompt=prompt, model=model, max_new_tokens=max_new_tokens, params=params, priority=priority,
                   max_attempts=max_attempts, idempotency_key=key, deadline=deadline, device=device,
                   prompt_tokens=prompt_tokens, seed_explicit=seed_explicit)

@@ -101,6 +101,8 @@ def submit(
     chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the model's "
                                                       "chat template, the form an instruct model expects.")] = False,
     system: Annotated[str | None, typer.Option(help="A system message before the prompt (implies --chat).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        "--stop", help="End the text before this string when the model writes it (repeat for up to 4).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result(s).")] = False,
     timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait with --wait.")] = 300.0,
     as_json: JsonOption = False,
@@ -115,6 +117,8 @@ def submit(
     spec: dict[str, Any] = {"model": model, "temperature": temperature, "top_p": top_p,
                             "top_k": top_k, "seed": seed, "priority": priority, "device": device,
                             "deadline": parse_deadline(deadline)}
+    if stop:
+        spec["stop"] = stop
     if chat or system is not None:
         system_turn = [] if system is None else [{"role": "system", "content": system}]
         spec["messages"] = [*system_turn, {"role": "user", "content": text}]

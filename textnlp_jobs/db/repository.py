@@ -95,9 +95,11 @@ class Job:
 
     @property
     def finish_reason(self) -> str | None:
-        """Why a succeeded job's text ends: ``"stop"`` when the model ended it (an end-of-sequence
-        or end-of-turn token, which is not counted in ``tokens_generated``), ``"length"`` when it
-        reached ``max_new_tokens`` (the text may stop mid-sentence). None unless it succeeded."""
+        """Why a succeeded job's text ends: ``"stop"`` when it ended before ``max_new_tokens`` (an
+        end-of-sequence or end-of-turn token, which is not counted in ``tokens_generated``, or one
+        of its stop strings), ``"length"`` when it used all of them (the text may stop
+        mid-sentence; a stop string written by that very last token counts as length too). None
+        unless it succeeded."""
         if self.status != JobStatus.SUCCEEDED or self.tokens_generated is None:
             return None
         return "length" if self.tokens_generated >= self.max_new_tokens else "stop"

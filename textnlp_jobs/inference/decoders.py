@@ -36,7 +36,9 @@ from textnlp_jobs.inference.engine import (
     EngineResult,
     TransformersEngine,
     choose_tokens,
+    finished_result,
     is_out_of_memory,
+    writes_stop,
 )
 
 Finished = list[tuple[Hashable, EngineResult]]
@@ -257,11 +259,11 @@ class TransformersDecoder:
         for i, row in enumerate(self.rows):
             if row.done:
                 continue
-            if row.tokens[-1] in stops or len(row.tokens) >= row.request.max_new_tokens:
-                tokens = row.tokens[:-1] if row.tokens[-1] in stops else row.tokens
-                # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
-                text = str(self.engine.tokenizer.decode(tokens, skip_special_tokens=True)).replace("\x00", "\ufffd")
-                done.append((row.key, EngineResult(text, tokens, row.logprobs[: len(tokens)])))
+            ended = row.tokens[-1] in stops
+            if (ended or len(row.tokens) >= row.request.max_new_tokens
+                    or (row.request.stop and writes_stop(self.engine.tokenizer, row.tokens, row.request.stop))):
+                tokens = row.tokens[:-1] if ended else row.tokens
+                done.append((row.key, finished_result(self.engine.tokenizer, row.request, tokens, row.logprobs)))
                 leaving.append(i)
         self._retire(leaving)
         return done

@@ -43,6 +43,7 @@ class EngineRequest:
     max_new_tokens: int
     sampling: SamplingParams
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the text ends before the first of these the model writes
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,38 @@ def _sample(logits: Any, sampling: SamplingParams, generator: Any) -> Any:
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+# How many of a row's last tokens are decoded to look for a stop string: its characters and some
+# slack (a byte-level token can be part of a character, a special token decodes to nothing).
+STOP_WINDOW_SLACK = 8
+
+
+def writes_stop(tokenizer: Any, tokens: Sequence[int], stops: Sequence[str]) -> bool:
+    """Whether the text of ``tokens`` now holds one of ``stops``. Only the tail is decoded, so a
+    check per decode step costs the same at the 500th token as at the 5th."""
+    width = max(len(stop) for stop in stops) + STOP_WINDOW_SLACK
+    tail = str(tokenizer.decode(tokens[-width:], skip_special_tokens=True))
+    return any(stop in tail for stop in stops)
+
+
+def first_stop(tokenizer: Any, tokens: Sequence[int], stops: Sequence[str]) -> int | None:
+    """How many of ``tokens`` a row had when it first wrote a stop string (the continuous
+    decoder's check, step by step, so a static batch ends the row where it would have ended)."""
+    for count in range(1, len(tokens) + 1):
+        if writes_stop(tokenizer, tokens[:count], stops):
+            return count
+    return None
+
+
+def finished_result(tokenizer: Any, request: EngineRequest, tokens: list[int], logprobs: list[float]) -> EngineResult:
+    """A finished row as the job's result, the same from static and continuous batches: its text
+    cut before the first stop string (the tokens that wrote it stay counted)."""
+    # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
+    text = str(tokenizer.decode(tokens, skip_special_tokens=True)).replace("\x00", "\ufffd")
+    if request.stop:
+        text = text[:min((text.find(stop) for stop in request.stop if stop in text), default=len(text))]
+    return EngineResult(text, tokens, logprobs[: len(tokens)])
 
 
 def seeded_generator(request: EngineRequest, device: Any) -> Any:
@@ -332,9 +365,9 @@ class TransformersEngine:
         for row, request in enumerate(requests):
             new = output[row, width:].tolist()[: request.max_new_tokens]
             new = new[: next((i for i, token in enumerate(new) if token in self.stop_ids), len(new))]
-            # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
-            text = str(self.tokenizer.decode(new, skip_special_tokens=True)).replace("\x00", "\ufffd")
-            results.append(EngineResult(text, new, chooser.logprobs[row][: len(new)]))
+            if request.stop:  # the rest of the batch ran on; this row ended with its stop string
+                new = new[: first_stop(self.tokenizer, new, request.stop) or len(new)]
+            results.append(finished_result(self.tokenizer, request, new, chooser.logprobs[row]))
         return results
 
 

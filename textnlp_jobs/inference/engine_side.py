@@ -49,6 +49,7 @@ class JobSpec:
     max_new_tokens: int
     sampling: SamplingParams
     seed: int | None
+    stop: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, job: repo.ClaimedJob) -> JobSpec:
@@ -56,7 +57,7 @@ class JobSpec:
         return cls(job.prompt, bool(params.get("chat")), job.max_new_tokens,
                    SamplingParams(float(params.get("temperature", 0.0)), float(params.get("top_p", 1.0)),
                                   int(params.get("top_k", 0))),
-                   params.get("seed"))
+                   params.get("seed"), tuple(params.get("stop") or ()))
 
 
 def engine_requests(engine: Engine, specs: Sequence[JobSpec],
@@ -81,7 +82,7 @@ def engine_requests(engine: Engine, specs: Sequence[JobSpec],
             if len(ids) > max_prompt_tokens:
                 raise InputError("prompt", f"is {len(ids)} tokens, over the limit of {max_prompt_tokens} tokens",
                                  code=ErrorCode.INPUT_PROMPT_TOO_MANY_TOKENS)
-            out.append(EngineRequest(ids, spec.max_new_tokens, spec.sampling, spec.seed))
+            out.append(EngineRequest(ids, spec.max_new_tokens, spec.sampling, spec.seed, spec.stop))
         except Exception as error:  # this job only
             out.append(error)
     return out
