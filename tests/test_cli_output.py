@@ -281,3 +281,14 @@ def test_submit_chat_sends_the_prompt_through_the_models_chat_template(embedded_
     # A model without a chat template: one clear error, nothing queued.
     refused = cli(embedded_stack, "submit", "--chat", "Return a new list", "--model", "demo")
     assert_one_line_error(refused, "input.no_chat_template")
+
+
+def test_submit_stop_reads_backslash_n_as_a_newline(embedded_stack: LocalStack) -> None:
+    # A shell passes '\n' as two characters; a stop at a line's end is what users mean by it.
+    done = cli(embedded_stack, "submit", "Return a new list", "--stop", "\\n", "--stop", "a\\\\b", "--stop", "\\x")
+    assert done.returncode == 0, done.stderr
+    from textnlp_jobs.client import Client
+
+    job = Client(embedded_stack.settings()).get(done.stdout.strip())
+    assert job.params["stop"] == ["\n", "a\\b", "\\x"]  # only \n, \t and \\ are read
+    assert_one_line_error(cli(embedded_stack, "submit", "Return a new list", "--stop", ""), "input.stop_invalid")

@@ -102,7 +102,8 @@ def submit(
                                                       "chat template, the form an instruct model expects.")] = False,
     system: Annotated[str | None, typer.Option(help="A system message before the prompt (implies --chat).")] = None,
     stop: Annotated[list[str] | None, typer.Option(
-        "--stop", help="End the text before this string when the model writes it (repeat for up to 4).")] = None,
+        "--stop", help="End the text before this string when the model writes it (repeat for up to 4); "
+                       "`\\n` and `\\t` in it are a newline and a tab, `\\\\` a backslash.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result(s).")] = False,
     timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait with --wait.")] = 300.0,
     as_json: JsonOption = False,
@@ -118,7 +119,7 @@ def submit(
                             "top_k": top_k, "seed": seed, "priority": priority, "device": device,
                             "deadline": parse_deadline(deadline)}
     if stop:
-        spec["stop"] = stop
+        spec["stop"] = [unescape(text) for text in stop]
     if chat or system is not None:
         system_turn = [] if system is None else [{"role": "system", "content": system}]
         spec["messages"] = [*system_turn, {"role": "user", "content": text}]
@@ -155,6 +156,23 @@ def submit(
         done = client.wait([j.id for j in jobs], timeout, progress=lambda n: bar.advance(task, n))
     _show_finished(done, as_json=as_json)
     _exit_unless_all_succeeded(done)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``--stop '\\n'`` as a newline: a shell passes the two characters, and a stop at a line's end
+    is the common case. Only ``\\n``, ``\\t`` and ``\\\\`` are read; any other backslash stays."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 @app.command()
