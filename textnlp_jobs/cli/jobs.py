@@ -6,6 +6,7 @@ and messages to stderr, so ``ID=$(textnlp-jobs submit "...")`` captures just the
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -164,15 +165,7 @@ _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 def unescape(text: str) -> str:
     """``--stop '\\n'`` as a newline: a shell passes the two characters, and a stop at a line's end
     is the common case. Only ``\\n``, ``\\t`` and ``\\\\`` are read; any other backslash stays."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
-            out.append(_ESCAPES[text[i + 1]])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+    return re.sub(r"\\([nt\\])", lambda escape: _ESCAPES[escape[1]], text)
 
 
 @app.command()

@@ -234,9 +234,8 @@ class TransformersEngine:
         if eos is None:
             raise ModelStoreError(f"{model_name} version {model_version} names no end-of-sequence token")
         self.eos_id = eos
-        rows = int(self.model.get_input_embeddings().num_embeddings)
         # Every id that ends a job (a chat model's end-of-turn among them), the EOS id first.
-        self.stop_ids = tuple(t for t in stop_token_ids(self.tokenizer, self.model) if 0 <= t < rows)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         # generate() fills each setting its call leaves unset from model.generation_config, so a
         # model's repetition_penalty or no_repeat_ngram_size would change static batches and not
         # continuous ones (which call forward). A job decodes with its own settings alone.

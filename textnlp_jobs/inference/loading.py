@@ -159,12 +159,14 @@ def stop_token_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
     """Every id that ends a job: the end-of-sequence id first, then each other id the model's
     config.json or generation_config.json names. Chat models end a turn with a token of their own
     (``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``) that only generation_config.json lists;
-    stopping at the tokenizer's one alone ran every chat reply on to its max_new_tokens."""
+    stopping at the tokenizer's one alone ran every chat reply on to its max_new_tokens. Ids
+    outside the model's embedding are left out: the model cannot write them."""
+    rows = int(model.get_input_embeddings().num_embeddings)
     found: list[int] = []
     for value in (eos_token_id(tokenizer, model.config), getattr(model.config, "eos_token_id", None),
                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         for token in value if isinstance(value, list | tuple) else [value]:
-            if token is not None and int(token) not in found:
+            if token is not None and 0 <= int(token) < rows and int(token) not in found:
                 found.append(int(token))
     return tuple(found)
 
@@ -222,7 +224,7 @@ def inspect_directory(path: Path) -> ModelInfo:
         special[name] = None if token is None else str(token)
         special[f"{name}_id"] = None if token_id is None else int(token_id)
     special["eos_token_id"] = eos
-    special["stop_token_ids"] = [token for token in stop_token_ids(tokenizer, model) if 0 <= token < rows]
+    special["stop_token_ids"] = list(stop_token_ids(tokenizer, model))
     special["chat_template"] = bool(getattr(tokenizer, "chat_template", None))
     quantized = quantization_of(path)
     architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
