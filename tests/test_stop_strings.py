@@ -90,6 +90,32 @@ def test_static_and_continuous_batches_end_each_job_at_its_first_stop_string(tin
             assert not any(stop in result.text for stop in request.stop)
 
 
+def test_a_static_batch_whose_rows_all_wrote_their_stops_ends_there(tiny_model: Path) -> None:
+    """generate() runs a batch until every row ended: a row that wrote its stop string is ended at
+    the next step, so a batch of such rows does not run on to the longest max_new_tokens."""
+    engine = TransformersEngine("tiny", "v", tiny_model)
+    plain = [EngineRequest(engine.tokenize(p), 40, SamplingParams()) for p in PROMPTS[:4]]
+    alone = [engine.generate([request])[0] for request in plain]
+    requests, oracle = [], []
+    for k, (request, result) in enumerate(zip(plain, alone, strict=True)):  # rows end at different steps
+        stop = next(result.text[i:i + 2] for i in range(2 + 8 * k, len(result.text)) if result.text[i:i + 2].strip())
+        requests.append(EngineRequest(request.prompt_ids, 40, request.sampling, stop=(stop,)))
+        oracle.append(expected(engine, result.token_ids, result.logprobs, (stop,)))
+    longest_stop = max(len(tokens) for _, tokens, _ in oracle)
+    assert longest_stop + 1 < 40 and all(len(result.token_ids) == 40 for result in alone)
+    assert len({len(tokens) for _, tokens, _ in oracle}) > 1
+
+    forwards = []
+    hook = engine.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        static = engine.generate(requests)
+    finally:
+        hook.remove()
+    assert [(r.text, r.token_ids, len(r.logprobs)) for r in static] == oracle
+    # One forward per token up to the last stop, one more that ends its row: not 40.
+    assert len(forwards) == longest_stop + 1, [len(t) for _, t, _ in oracle]
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_worker_ends_the_text_at_the_stop_string_given_at_submit(stack: LocalStack) -> None:

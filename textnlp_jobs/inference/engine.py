@@ -174,17 +174,23 @@ def seeded_generator(request: EngineRequest, device: Any) -> Any:
 
 class _RowwiseChooser:
     """A logits processor that picks each row's next token itself (``choose_tokens``) and
-    records the model's log-probability of that token; a row past its own limit gets EOS."""
+    records the model's log-probability of that token. A row past its own limit, or one that wrote
+    one of its stop strings at the step before, gets EOS: generate() then counts it finished, and
+    a batch whose rows have all ended stops instead of running on to the longest limit."""
 
     def __init__(self, requests: Sequence[EngineRequest], prompt_width: int, stop_ids: Sequence[int],
-                 vocab_limit: int, device: Any) -> None:
+                 vocab_limit: int, device: Any, tokenizer: Any) -> None:
         self.requests = requests
         self.prompt_width = prompt_width
         self.stop_ids = stop_ids
         self.eos_id = stop_ids[0]
         self.vocab_limit = vocab_limit
+        self.tokenizer = tokenizer
         self.logprobs: list[list[float]] = [[] for _ in requests]
         self.generators = [seeded_generator(request, device) for request in requests]
+        # Rows with stop strings: their tokens so far, and whether they wrote a stop yet.
+        self.written: dict[int, list[int]] = {row: [] for row, request in enumerate(requests) if request.stop}
+        self.stopped: set[int] = set()
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
@@ -193,11 +199,17 @@ class _RowwiseChooser:
         chosen, picked = choose_tokens(scores, self.requests, self.generators, [step == 0] * len(self.requests),
                                        self.stop_ids, self.vocab_limit)
         picked_list = picked.tolist()
+        chosen_list = chosen.tolist() if self.written else []
         for row, request in enumerate(self.requests):
-            if step >= request.max_new_tokens:
+            if step >= request.max_new_tokens or row in self.stopped:
                 chosen[row] = self.eos_id
-            else:
-                self.logprobs[row].append(picked_list[row])
+                continue
+            self.logprobs[row].append(picked_list[row])
+            written = self.written.get(row)
+            if written is not None:
+                written.append(chosen_list[row])
+                if writes_stop(self.tokenizer, written, request.stop):
+                    self.stopped.add(row)
         forced = torch.full_like(scores, -math.inf)
         forced.scatter_(1, chosen.unsqueeze(1), 0.0)
         return forced
@@ -344,7 +356,7 @@ class TransformersEngine:
         for row, request in enumerate(requests):  # left padding: the prompt ends where generation starts
             input_ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
             mask[row, width - len(request.prompt_ids):] = 1
-        chooser = _RowwiseChooser(requests, width, self.stop_ids, self.vocab_limit, self.device)
+        chooser = _RowwiseChooser(requests, width, self.stop_ids, self.vocab_limit, self.device, self.tokenizer)
         config = GenerationConfig(max_new_tokens=longest, do_sample=False, pad_token_id=self.pad_id,
                                   eos_token_id=list(self.stop_ids), bos_token_id=self.eos_id)
         try:
@@ -364,7 +376,7 @@ class TransformersEngine:
         for row, request in enumerate(requests):
             new = output[row, width:].tolist()[: request.max_new_tokens]
             new = new[: next((i for i, token in enumerate(new) if token in self.stop_ids), len(new))]
-            if request.stop:  # the rest of the batch ran on; this row ended with its stop string
+            if request.stop:  # the row was given EOS the step after it wrote its stop string
                 new = new[: first_stop(self.tokenizer, new, request.stop) or len(new)]
             results.append(finished_result(self.tokenizer, request, new, chooser.logprobs[row]))
         return results
