@@ -282,6 +282,7 @@ class Stack:
 
     def __init__(self, exits: ExitStack, *, name: str, model_path: Path, device: str, embedded: bool,
                  torch_threads: int | None, worker_concurrency: int | None, group_spacing_ms: float | None = None,
+                 dtype: str = "auto",
                  postgres: str = "postgresql+psycopg://postgres@127.0.0.1:5432",
                  redis: str = "127.0.0.1:6379") -> None:
         from textnlp_jobs import local_stack
@@ -303,6 +304,8 @@ class Stack:
         }
         if group_spacing_ms is not None:
             env["TEXTNLP_GROUP_SPACING_MS"] = str(group_spacing_ms)
+        if dtype != "auto":
+            env["TEXTNLP_DTYPE"] = json.dumps({"*": dtype})
         if not embedded:
             env["TEXTNLP_DATABASE_URL"] = exits.enter_context(local_stack.scratch_postgres(postgres))
             host, _, port = redis.partition(":")
@@ -527,7 +530,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # 1. The limit: the engine in this process, no ledger, no broker; every direct kind, per workload.
     dev = torch_device(args.device)
-    engine = TransformersEngine(name, version, path, dev)
+    engine = TransformersEngine(name, version, path, dev, args.dtype)
+    result["dtype"] = engine.dtype
     engine.warm_up()
     ids = [engine.tokenize(p) for p in prompts]
     for workload, limits in workloads.items():
@@ -562,7 +566,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with ExitStack() as exits:
         stack = Stack(exits, name=name, model_path=path, device=args.device, embedded=args.embedded,
                       torch_threads=args.torch_threads, worker_concurrency=args.worker_concurrency,
-                      group_spacing_ms=args.group_spacing_ms, postgres=args.postgres, redis=args.redis)
+                      group_spacing_ms=args.group_spacing_ms, dtype=args.dtype, postgres=args.postgres,
+                      redis=args.redis)
         mode = "embedded (SQLite + filesystem broker)" if args.embedded else "PostgreSQL + Redis"
         result["stack"] = mode
         say(f"{name}: scratch stack {mode}, workdir {stack.workdir}")
@@ -687,7 +692,7 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
     header = f"{'run':<30}{'jobs':>6}{'tokens':>8}{'wall s':>9}{'tok/s':>11}{'jobs/s':>9}{'ms/job':>9}{'batch':>7}"
     for r in results:
         print(f"\nmodel {r['model']} ({r['version']})  N={r['jobs']} worker max_batch={r['batch']} "
-              f"mode={r['worker_kind']}  stack: {r.get('stack', '-')}")
+              f"mode={r['worker_kind']}  dtype={r.get('dtype', '?')}  stack: {r.get('stack', '-')}")
         for workload, figures in r["workloads"].items():
             low_high = r["max_new_tokens_range"] or (0, 0)
             spread = (f"max_new_tokens {low_high[0]}:{low_high[1]} seed {r['seed']}"
@@ -770,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads in this process AND the worker (default: torch's own default)")
     parser.add_argument("--worker-concurrency", type=int, default=None,
                         help="task threads of the batched worker (default: the worker's own, = max_batch)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="weights' dtype, direct and the worker's TEXTNLP_DTYPE (auto: the checkpoint's)")
     parser.add_argument("--group-spacing-ms", type=float, default=None,
                         help="the worker's TEXTNLP_GROUP_SPACING_MS (default: the device's, 25 on a CPU, 0 on a GPU)")
     args = parser.parse_args(argv)

@@ -17,6 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The dtypes a model's float weights may be loaded in (``TEXTNLP_DTYPE``).
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+_CHECKPOINT_DTYPE: dict[str, ModelDtype] = {"*": "auto"}
+
 
 class BatchingPolicy(BaseModel):
     """How one model's jobs are gathered into batches on a device."""
@@ -70,6 +74,11 @@ class Settings(BaseSettings):
     placement: dict[str, list[str]] = Field(default_factory=lambda: {"*": ["demo"]})
     # Per-model batching, e.g. {"small": {"max_batch": 32, "max_wait_ms": 50}}; "*" is the default.
     batching: dict[str, BatchingPolicy] = Field(default_factory=lambda: {"*": BatchingPolicy()})
+
+    # Per-model weight dtype on the device, e.g. {"small": "bfloat16"}; "*" is the default. "auto"
+    # keeps the dtype the checkpoint's config.json records. Which is faster depends on the model
+    # and the device: measure (bench/throughput.py --dtype). An int8 variant keeps its own.
+    dtype: dict[str, ModelDtype] = Field(default_factory=lambda: _CHECKPOINT_DTYPE.copy())
 
     # Jobs in flight per device worker (its prefetch); None means two per batch slot (2 x the largest max_batch).
     worker_concurrency: int | None = Field(None, ge=1, le=1024)
@@ -212,6 +221,9 @@ class Settings(BaseSettings):
 
     def batching_for(self, model: str) -> BatchingPolicy:
         return self.batching.get(model) or self.batching.get("*") or BatchingPolicy()
+
+    def dtype_for(self, model: str) -> str:
+        return self.dtype.get(model) or self.dtype.get("*") or "auto"
 
     def group_spacing_on(self, device_kind: str) -> float:
         """Seconds between a device worker's claims or writes under load, on a ``cpu`` or ``cuda``

@@ -218,7 +218,8 @@ class _RowwiseChooser:
 class TransformersEngine:
     """A Hugging Face causal LM loaded from a local directory with ``from_pretrained``."""
 
-    def __init__(self, model_name: str, model_version: str, path: Path, device: str = "cpu") -> None:
+    def __init__(self, model_name: str, model_version: str, path: Path, device: str = "cpu",
+                 dtype: str = "auto") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import GenerationConfig
@@ -236,12 +237,16 @@ class TransformersEngine:
         self.device = device
         self._torch = torch
         self.tokenizer = load_tokenizer(path)
-        self.model = load_model(path)  # a float directory or an int8 variant this project wrote
+        # A float directory (in ``dtype``; "auto": its config's) or an int8 variant this project wrote.
+        self.model = load_model(path, dtype)
         if (path / QUANTIZATION_FILE).is_file() and not device.startswith("cpu"):
             raise ModelStoreError(f"{model_name} version {model_version} is an int8 CPU variant; "
                                   f"it cannot run on {device}")
         self.model.to(device)
         self.model.eval()
+        # What the weights are in on the device (an int8 variant's linear layers hold no parameters).
+        self.dtype = "int8" if (path / QUANTIZATION_FILE).is_file() else str(
+            next(self.model.parameters()).dtype).removeprefix("torch.")
         eos = eos_token_id(self.tokenizer, self.model.config)
         if eos is None:
             raise ModelStoreError(f"{model_name} version {model_version} names no end-of-sequence token")

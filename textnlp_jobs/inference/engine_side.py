@@ -142,15 +142,26 @@ def load_resolved(settings: Settings, factory: sessionmaker[Session], device: De
     for reference in models:
         with factory() as session:
             resolved = store.resolve(session, reference, settings.environment)
-        loaded[resolved.name] = (load_engine(resolved, device), resolved)
-        log.info("model_loaded model=%s version=%s device=%s", reference, resolved.version, device)
+        engine = load_engine(resolved, device, settings.dtype_for(resolved.name))
+        loaded[resolved.name] = (engine, resolved)
+        log.info("model_loaded model=%s version=%s device=%s dtype=%s", reference, resolved.version, device,
+                 getattr(engine, "dtype", "?"))
     return loaded
 
 
-def load_engine(resolved: store.ResolvedModel, device: Device) -> Engine:
+def load_engine(resolved: store.ResolvedModel, device: Device, dtype: str) -> Engine:
+    """The engine of ``resolved`` on ``device``, its float weights in ``dtype`` (``TEXTNLP_DTYPE``).
+    A CPU without instructions for the dtype it runs in is named in the log: there the dtype that
+    halves the memory can make decoding several times slower."""
     from textnlp_jobs.inference.engine import TransformersEngine
+    from textnlp_jobs.inference.loading import emulated_on_this_cpu
 
-    return TransformersEngine(resolved.name, resolved.version, resolved.path, device.torch_device)
+    engine = TransformersEngine(resolved.name, resolved.version, resolved.path, device.torch_device, dtype)
+    if device.torch_device == "cpu" and emulated_on_this_cpu(engine.dtype):
+        log.warning("dtype_emulated model=%s dtype=%s device=%s: this CPU has no %s instructions, so decoding in it "
+                    "may be several times slower than in float32 (TEXTNLP_DTYPE; bench/throughput.py --dtype measures)",
+                    resolved.name, engine.dtype, device, engine.dtype)
+    return engine
 
 
 def prepare_loop_process(torch_threads: int | None) -> None:
@@ -206,7 +217,7 @@ class LocalEngineSide:
         """A promoted version's engine, refused when this device's continuous loop cannot decode
         it (its jobs would all fail there): the loaded version keeps serving, and a restarted
         worker serves the new one in static mode."""
-        engine = load_engine(resolved, device)
+        engine = load_engine(resolved, device, self.settings.dtype_for(resolved.name))
         reason = static_only_reason(engine) if self.mode == "continuous" else None
         if reason is not None:
             raise ModelStoreError(f"{resolved.name} version {resolved.version} cannot join this worker's continuous "

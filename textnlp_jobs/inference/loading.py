@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from textnlp_jobs.errors import ModelRegistrationError
 QUANTIZATION_FILE = "textnlp-quantization.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,19 +135,44 @@ def no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(path: Path) -> Any:
-    """The model in ``path`` on the CPU, in eval mode, from either layout."""
+def load_model(path: Path, dtype: str = "auto") -> Any:
+    """The model in ``path`` on the CPU, in eval mode, from either layout. A float model loads in
+    ``dtype`` ("auto": the one its ``config.json`` records); an int8 variant keeps its own."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if quantization_of(path) is not None:
         from textnlp_jobs.inference.quantize import load_quantized
 
+        if dtype != "auto":
+            log.warning("dtype_ignored path=%s dtype=%s reason=int8_variant", path, dtype)
         return load_quantized(path)
     from transformers import AutoModelForCausalLM
 
     with no_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     model.eval()
     return model
+
+
+# x86 flags of the CPUs that compute in these dtypes natively. Without them torch emulates the
+# type: on the development machine (AVX2 only) bfloat16 decoding ran 4x slower than float32 for a
+# 6x768 Llama and 48x slower for GPT-2, whose Conv1D layers go through addmm (bench/results/
+# cpu-2core-dtype.txt); on one with avx512_bf16 the same Llama ran 1.9x faster.
+_NATIVE_CPU_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
+
+
+def emulated_on_this_cpu(dtype: str, cpuinfo: str | None = None) -> bool:
+    """Whether this CPU lacks the instructions for ``dtype`` (``cpuinfo``: /proc/cpuinfo's text).
+    False where that cannot be told: a dtype without such flags, no x86 ``flags`` line."""
+    wanted = _NATIVE_CPU_FLAGS.get(dtype)
+    if not wanted:
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.partition(":")[2].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    return flags is not None and not any(flag in flags for flag in wanted)
 
 
 def eos_token_id(tokenizer: Any, config: Any) -> int | None:
