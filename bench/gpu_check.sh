@@ -27,7 +27,9 @@
 #      settles the GPU's default (SPACING_AB=0 skips it);
 #   5. bench/kv_cache.py on small at batch 128: the decoder's cache with room to spare against
 #      transformers' own layers (KV_CACHE=0 skips it);
-#   6. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
+#   6. bench/dtype.py on small at batch 128: float32 against bfloat16 and float16 direct, to choose
+#      TEXTNLP_DTYPE by (DTYPE=0 skips it);
+#   7. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
 #      bench/.models/demo to skip training it).
 # Results (logs, BENCH_RESULT lines) are copied to $OUT when it is set. Exit status: the number of
 # failed steps.
@@ -79,6 +81,7 @@ if [ "$HAVE_GPU" = 1 ]; then
     STEADY_ARGS=${STEADY_ARGS:---model small --jobs 2048 --batches 128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens 8192 --latency-seconds 0}
     SPACING_ARGS=${SPACING_ARGS:---model small --jobs 512 --batches 128 --max-new-tokens 32 --max-new-tokens-range 8:128 --hf-max-batch-tokens= --latency-seconds 0}
     KV_ARGS=${KV_ARGS:---model small --jobs 512 --batches 128 --repeats 1}
+    DTYPE_ARGS=${DTYPE_ARGS:---model small --batch 128 --max-new-tokens 32}
 else
     DEVICE=${DEVICE:-cpu.0}
     SMALL_ARGS=${SMALL_ARGS:---model tiny --jobs 24 --batches 4,8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
@@ -86,6 +89,7 @@ else
     STEADY_ARGS=${STEADY_ARGS:---model tiny --jobs 48 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens 0 --latency-seconds 0 --torch-threads 1}
     SPACING_ARGS=${SPACING_ARGS:---model tiny --jobs 24 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --hf-max-batch-tokens= --latency-seconds 0 --torch-threads 1}
     KV_ARGS=${KV_ARGS:---model tiny --jobs 24 --batches 8 --max-new-tokens 8 --max-new-tokens-range 4:16 --repeats 1 --torch-threads 1}
+    DTYPE_ARGS=${DTYPE_ARGS:---model tiny --batch 4 --max-new-tokens 4 --torch-threads 1}
 fi
 
 # --- 0. carried wheels and servers ----------------------------------------------------------
@@ -175,6 +179,11 @@ if [ "${KV_CACHE:-1}" != 0 ]; then
     # shellcheck disable=SC2086
     step kv-cache "${KV_CACHE_LIMIT:-120}" "$PY" bench/kv_cache.py $KV_ARGS --device "$DEVICE"
 fi
+# Which dtype decodes small fastest here (bench/dtype.py): float32 first, the ratios beside it.
+if [ "${DTYPE:-1}" != 0 ]; then
+    # shellcheck disable=SC2086
+    step dtype "${DTYPE_LIMIT:-60}" "$PY" bench/dtype.py $DTYPE_ARGS --device "$DEVICE"
+fi
 # DEMO_DEVICES="cuda.0 cpu.0": demo on the GPU and on this machine's CPU (overhead per job with no
 # other load on the CPUs; the 2-core development machine is shared and noisy).
 for demo_device in ${DEMO_DEVICES:-}; do
@@ -188,9 +197,10 @@ done
 say "summary"
 (cd "$LOGS" && grep '^RATIO ' bench-*.log)  # each line after its log's name (bench-spacing25: spaced)
 [ -f "$LOGS/kv-cache.log" ] && grep -E '^  (uniform|mixed|same)' "$LOGS/kv-cache.log"
+[ -f "$LOGS/dtype.log" ] && grep -E 'tok/s' "$LOGS/dtype.log"
 grep -h '^BENCH_RESULT ' "$LOGS"/bench-*.log > "$LOGS/bench_results.jsonl" 2>/dev/null
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    cp "$LOGS"/bench_results.jsonl "$LOGS"/bench-*.log "$LOGS"/kv-cache.log "$OUT/" 2>/dev/null
+    cp "$LOGS"/bench_results.jsonl "$LOGS"/bench-*.log "$LOGS"/kv-cache.log "$LOGS"/dtype.log "$OUT/" 2>/dev/null
 fi
 echo "logs in $LOGS; $FAILED step(s) failed; $((SECONDS - STARTED))s in all"
 exit "$FAILED"
