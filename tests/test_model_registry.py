@@ -299,7 +299,7 @@ def test_a_continuous_worker_refuses_a_promotion_it_cannot_decode_row_by_row_and
 
     loads: list[str] = []
 
-    def load_engine(resolved: object, device: object) -> StubEngine:
+    def load_engine(resolved: object, device: object, dtype: str) -> StubEngine:
         loads.append(resolved.version)  # type: ignore[attr-defined]
         return StateSpaceEngine("mine")
 
