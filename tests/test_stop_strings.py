@@ -116,6 +116,32 @@ def test_a_static_batch_whose_rows_all_wrote_their_stops_ends_there(tiny_model: 
     assert len(forwards) == longest_stop + 1, [len(t) for _, t, _ in oracle]
 
 
+def test_a_stop_string_written_by_the_last_allowed_token_is_a_stop_not_a_cut(tiny_model: Path) -> None:
+    """Such a row used all its max_new_tokens, so its token count looks like a cut; the engine
+    says "stop" (it wrote the stop), and "length" for the same row without the stop string."""
+    engine = TransformersEngine("tiny", "v", tiny_model)
+    prompt_ids = engine.tokenize(PROMPTS[1])
+    whole = engine.generate([EngineRequest(prompt_ids, 24, SamplingParams())])[0]
+    stop = next(whole.text[i:i + 3] for i in range(4, len(whole.text)) if whole.text[i:i + 3].strip())
+    _, tokens, _ = expected(engine, whole.token_ids, whole.logprobs, (stop,))
+    last = len(tokens)  # the stop is complete exactly at this many tokens
+    stopped = EngineRequest(prompt_ids, last, SamplingParams(), stop=(stop,))
+    cut = EngineRequest(prompt_ids, last, SamplingParams())
+
+    static = engine.generate([stopped, cut])
+    batcher = ContinuousBatcher({"m": engine}, lambda _: BatchingPolicy(max_batch=4, max_wait_ms=1,
+                                                                        mode="continuous"))
+    batcher.start()
+    try:
+        continuous = [batcher.submit(i, "m", r).result(timeout=120).result for i, r in enumerate((stopped, cut))]
+    finally:
+        batcher.stop()
+    for ended_by_stop, ended_by_cut in (static, continuous):
+        assert len(ended_by_stop.token_ids) == len(ended_by_cut.token_ids) == last
+        assert (ended_by_stop.finish_reason, ended_by_cut.finish_reason) == ("stop", "length")
+        assert stop not in ended_by_stop.text and stop in ended_by_cut.text
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_worker_ends_the_text_at_the_stop_string_given_at_submit(stack: LocalStack) -> None:
@@ -135,6 +161,7 @@ def test_a_worker_ends_the_text_at_the_stop_string_given_at_submit(stack: LocalS
     assert done.status == "succeeded", worker.log_tail()
     assert (done.text, done.tokens_generated, done.params["stop"]) == (text, len(tokens), [stop])
     assert done.finish_reason == "stop" and free.text == whole.text
+    assert free.finish_reason == ("length" if len(whole.token_ids) == 24 else "stop")
     # The CLI: --stop, repeated.
     queued = subprocess.run([sys.executable, "-m", "textnlp_jobs.cli", "submit", prompt, "--stop", stop,
                              "--stop", "###", "--max-new-tokens", "24", "--wait", "--json"], cwd=REPO_ROOT,

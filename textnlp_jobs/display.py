@@ -31,8 +31,7 @@ def progress_bar(console: Console) -> Progress:
 def to_jsonable(value: Any) -> Any:
     """``value`` with dataclasses, ids, times, paths and enums turned into JSON types."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return fields | {"finish_reason": value.finish_reason} if isinstance(value, Job) else fields
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

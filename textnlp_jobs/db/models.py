@@ -120,6 +120,9 @@ class Generation(Base):
     result_text: Mapped[str | None] = mapped_column(Text)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     tokens_generated: Mapped[int | None] = mapped_column(Integer)
+    # Why a succeeded job's text ends: "stop" (the model ended it, or it wrote a stop string) or
+    # "length" (max_new_tokens cut it). NULL on rows written before the worker recorded it.
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
     mean_logprob: Mapped[float | None] = mapped_column(Float)
     batch_size: Mapped[int | None] = mapped_column(Integer)
     queue_wait_seconds: Mapped[float | None] = mapped_column(Float)

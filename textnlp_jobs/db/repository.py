@@ -87,22 +87,27 @@ class Job:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # Why a succeeded job's text ends: "stop" when the model ended it (an end-of-sequence or
+    # end-of-turn token, not counted in tokens_generated) or it wrote one of its stop strings,
+    # "length" when max_new_tokens cut it (the text may stop mid-sentence). None unless succeeded.
+    finish_reason: str | None = None
 
     @property
     def done(self) -> bool:
         """True once the job reached a final status (succeeded, failed, cancelled, expired, dead)."""
         return self.status.is_final
 
-    @property
-    def finish_reason(self) -> str | None:
-        """Why a succeeded job's text ends: ``"stop"`` when it ended before ``max_new_tokens`` (an
-        end-of-sequence or end-of-turn token, which is not counted in ``tokens_generated``, or one
-        of its stop strings), ``"length"`` when it used all of them (the text may stop
-        mid-sentence; a stop string written by that very last token counts as length too). None
-        unless it succeeded."""
-        if self.status != JobStatus.SUCCEEDED or self.tokens_generated is None:
-            return None
-        return "length" if self.tokens_generated >= self.max_new_tokens else "stop"
+
+def finish_reason_of(status: JobStatus, recorded: str | None, tokens_generated: int | None,
+                     max_new_tokens: int) -> str | None:
+    """A succeeded job's finish reason: the one its worker recorded, else (a row written before
+    workers recorded it) told from its token count, which cannot tell a stop string written by the
+    very last allowed token from a cut."""
+    if status != JobStatus.SUCCEEDED or tokens_generated is None:
+        return None
+    if recorded is not None:
+        return recorded
+    return "length" if tokens_generated >= max_new_tokens else "stop"
 
 
 @dataclass(frozen=True)
@@ -143,12 +148,15 @@ def _record_columns() -> list[Any]:
         g.id, g.status, g.model, g.model_version, g.params, g.max_new_tokens, g.priority, g.device,
         g.idempotency_key, g.attempts, g.max_attempts, g.deadline, g.result_text, g.prompt_tokens,
         g.tokens_generated, g.mean_logprob, g.batch_size, g.queue_wait_seconds, g.inference_seconds,
-        g.error_code, g.error_message, g.worker, g.created_at, g.started_at, g.finished_at,
+        g.error_code, g.error_message, g.worker, g.created_at, g.started_at, g.finished_at, g.finish_reason,
     ]
 
 
 def _to_record(row: Any) -> Job:
-    return Job(row[0], JobStatus(row[1]), *row[2:])
+    values = list(row)  # _record_columns() in Job's field order, finish_reason last
+    values[1] = status = JobStatus(row.status)
+    values[-1] = finish_reason_of(status, row.finish_reason, row.tokens_generated, row.max_new_tokens)
+    return Job(*values)
 
 
 # --- producers ------------------------------------------------------------------------------
@@ -483,6 +491,7 @@ class Outcome:
     queue_wait_seconds: float
     inference_seconds: float
     prompt_tokens: int | None = None  # as the model read them; None keeps what the producer counted
+    finish_reason: str | None = None  # "stop" or "length"; None: the engine did not say
 
 
 def _owned_by(job_id: uuid.UUID, attempt: int) -> Any:
@@ -524,7 +533,8 @@ def _success_values(outcome: Outcome, now: datetime) -> dict[str, Any]:
     counted = {} if outcome.prompt_tokens is None else {"prompt_tokens": outcome.prompt_tokens}
     return {
         **counted, "status": JobStatus.SUCCEEDED.value, "result_text": outcome.text,
-        "tokens_generated": outcome.tokens_generated, "mean_logprob": outcome.mean_logprob,
+        "tokens_generated": outcome.tokens_generated, "finish_reason": outcome.finish_reason,
+        "mean_logprob": outcome.mean_logprob,
         "model_version": outcome.model_version, "batch_size": outcome.batch_size,
         "queue_wait_seconds": outcome.queue_wait_seconds, "inference_seconds": outcome.inference_seconds,
         "error_code": None, "error_message": None, "lease_expires_at": None, "finished_at": now, "updated_at": now,
@@ -542,11 +552,12 @@ WITH v AS (
                          CAST(:tokens AS integer[]), CAST(:logprobs AS double precision[]),
                          CAST(:versions AS varchar[]), CAST(:batches AS integer[]),
                          CAST(:waits AS double precision[]), CAST(:inferences AS double precision[]),
-                         CAST(:prompts AS integer[]))
-        AS v(id, attempt, text, tokens, logprob, version, batch, wait, inference, prompt)
+                         CAST(:prompts AS integer[]), CAST(:reasons AS varchar[]))
+        AS v(id, attempt, text, tokens, logprob, version, batch, wait, inference, prompt, reason)
 ), written AS (
     UPDATE {Generation.__tablename__} AS g
-       SET status = :succeeded, result_text = v.text, tokens_generated = v.tokens, mean_logprob = v.logprob,
+       SET status = :succeeded, result_text = v.text, tokens_generated = v.tokens, finish_reason = v.reason,
+           mean_logprob = v.logprob,
            model_version = v.version, batch_size = v.batch, queue_wait_seconds = v.wait,
            inference_seconds = v.inference, prompt_tokens = COALESCE(v.prompt, g.prompt_tokens),
            error_code = NULL, error_message = NULL,
@@ -573,6 +584,7 @@ def _write_group_postgres(session: Session, results: Sequence[Finished], worker:
         "logprobs": [o.mean_logprob for o in outcomes], "versions": [o.model_version for o in outcomes],
         "batches": [o.batch_size for o in outcomes], "waits": [o.queue_wait_seconds for o in outcomes],
         "inferences": [o.inference_seconds for o in outcomes], "prompts": [o.prompt_tokens for o in outcomes],
+        "reasons": [o.finish_reason for o in outcomes],
         "succeeded": JobStatus.SUCCEEDED.value, "running": JobStatus.RUNNING.value, "now": now,
         "actor": worker[:255], "action": RESULT_WRITTEN,
     }).scalars().all()

@@ -263,7 +263,8 @@ class TransformersDecoder:
             if (ended or len(row.tokens) >= row.request.max_new_tokens
                     or (row.request.stop and writes_stop(self.engine.tokenizer, row.tokens, row.request.stop))):
                 tokens = row.tokens[:-1] if ended else row.tokens
-                done.append((row.key, finished_result(self.engine.tokenizer, row.request, tokens, row.logprobs)))
+                done.append((row.key, finished_result(self.engine.tokenizer, row.request, tokens, row.logprobs,
+                                                      ended=ended)))
                 leaving.append(i)
         self._retire(leaving)
         return done

@@ -276,6 +276,7 @@ class DeviceRuntime:
             model_version=done.model_version, batch_size=done.batch_size,
             queue_wait_seconds=(utcnow() - job.created_at).total_seconds() - done.inference_seconds,
             inference_seconds=done.inference_seconds, prompt_tokens=done.prompt_tokens,
+            finish_reason=result.finish_reason,
         ))
 
     def _succeeded(self, job: repo.ClaimedJob) -> str:

@@ -51,6 +51,9 @@ class EngineResult:
     text: str
     token_ids: list[int]
     logprobs: list[float]
+    # "stop": the model ended it (an end-of-sequence or end-of-turn token) or it wrote one of its
+    # stop strings; "length": max_new_tokens cut it. None: an engine that does not tell.
+    finish_reason: str | None = None
 
     @property
     def tokens_generated(self) -> int:
@@ -151,14 +154,17 @@ def first_stop(tokenizer: Any, tokens: Sequence[int], stops: Sequence[str]) -> i
     return None
 
 
-def finished_result(tokenizer: Any, request: EngineRequest, tokens: list[int], logprobs: list[float]) -> EngineResult:
+def finished_result(tokenizer: Any, request: EngineRequest, tokens: list[int], logprobs: list[float], *,
+                    ended: bool) -> EngineResult:
     """A finished row as the job's result, the same from static and continuous batches: its text
-    cut before the first stop string (the tokens that wrote it stay counted)."""
+    cut before the first stop string (the tokens that wrote it stay counted). ``ended``: the model
+    ended the row with a stop token (not among ``tokens``)."""
     # A byte-level model can emit the NUL byte, which no PostgreSQL text column stores.
     text = str(tokenizer.decode(tokens, skip_special_tokens=True)).replace("\x00", "\ufffd")
-    if request.stop:
-        text = text[:min((text.find(stop) for stop in request.stop if stop in text), default=len(text))]
-    return EngineResult(text, tokens, logprobs[: len(tokens)])
+    written = [text.find(stop) for stop in request.stop if stop in text]
+    if written:
+        text = text[:min(written)]
+    return EngineResult(text, tokens, logprobs[: len(tokens)], "stop" if ended or written else "length")
 
 
 def seeded_generator(request: EngineRequest, device: Any) -> Any:
@@ -380,10 +386,12 @@ class TransformersEngine:
         results = []
         for row, request in enumerate(requests):
             new = output[row, width:].tolist()[: request.max_new_tokens]
-            new = new[: next((i for i, token in enumerate(new) if token in self.stop_ids), len(new))]
+            end = next((i for i, token in enumerate(new) if token in self.stop_ids), None)
+            if end is not None:
+                new = new[:end]
             if request.stop:  # the row was given EOS the step after it wrote its stop string
                 new = new[: first_stop(self.tokenizer, new, request.stop) or len(new)]
-            results.append(finished_result(self.tokenizer, request, new, chooser.logprobs[row]))
+            results.append(finished_result(self.tokenizer, request, new, chooser.logprobs[row], ended=end is not None))
         return results
 
 
