@@ -92,7 +92,7 @@ def job_detail(job: Job) -> Table:
          + (f" (batch of {job.batch_size})" if job.batch_size else "")),
     ]
     if job.finish_reason is not None:
-        rows.append(("ended", {"stop": "stop: the model ended it",
+        rows.append(("ended", {"stop": "stop: the model ended it or it wrote a stop string",
                                "length": "length: max_new_tokens reached"}[job.finish_reason]))
     if job.error_code:
         rows.append(("error", f"{job.error_code}: {job.error_message or ''}"))

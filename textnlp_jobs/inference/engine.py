@@ -145,15 +145,6 @@ def writes_stop(tokenizer: Any, tokens: Sequence[int], stops: Sequence[str]) -> 
     return any(stop in tail for stop in stops)
 
 
-def first_stop(tokenizer: Any, tokens: Sequence[int], stops: Sequence[str]) -> int | None:
-    """How many of ``tokens`` a row had when it first wrote a stop string (the continuous
-    decoder's check, step by step, so a static batch ends the row where it would have ended)."""
-    for count in range(1, len(tokens) + 1):
-        if writes_stop(tokenizer, tokens[:count], stops):
-            return count
-    return None
-
-
 def finished_result(tokenizer: Any, request: EngineRequest, tokens: list[int], logprobs: list[float], *,
                     ended: bool) -> EngineResult:
     """A finished row as the job's result, the same from static and continuous batches: its text
@@ -194,9 +185,9 @@ class _RowwiseChooser:
         self.tokenizer = tokenizer
         self.logprobs: list[list[float]] = [[] for _ in requests]
         self.generators = [seeded_generator(request, device) for request in requests]
-        # Rows with stop strings: their tokens so far, and whether they wrote a stop yet.
+        # Rows with stop strings: their tokens so far; and, once a row wrote one, how many it had then.
         self.written: dict[int, list[int]] = {row: [] for row, request in enumerate(requests) if request.stop}
-        self.stopped: set[int] = set()
+        self.stopped: dict[int, int] = {}
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
@@ -215,7 +206,7 @@ class _RowwiseChooser:
             if written is not None:
                 written.append(chosen_list[row])
                 if writes_stop(self.tokenizer, written, request.stop):
-                    self.stopped.add(row)
+                    self.stopped[row] = len(written)
         forced = torch.full_like(scores, -math.inf)
         forced.scatter_(1, chosen.unsqueeze(1), 0.0)
         return forced
@@ -245,14 +236,14 @@ class TransformersEngine:
         self.tokenizer = load_tokenizer(path)
         # A float directory (in ``dtype``; "auto": its config's) or an int8 variant this project wrote.
         self.model = load_model(path, dtype)
-        if (path / QUANTIZATION_FILE).is_file() and not device.startswith("cpu"):
+        quantized = (path / QUANTIZATION_FILE).is_file()
+        if quantized and not device.startswith("cpu"):
             raise ModelStoreError(f"{model_name} version {model_version} is an int8 CPU variant; "
                                   f"it cannot run on {device}")
         self.model.to(device)
         self.model.eval()
         # What the weights are in on the device (an int8 variant's linear layers hold no parameters).
-        self.dtype = "int8" if (path / QUANTIZATION_FILE).is_file() else str(
-            next(self.model.parameters()).dtype).removeprefix("torch.")
+        self.dtype = "int8" if quantized else str(next(self.model.parameters()).dtype).removeprefix("torch.")
         eos = eos_token_id(self.tokenizer, self.model.config)
         if eos is None:
             raise ModelStoreError(f"{model_name} version {model_version} names no end-of-sequence token")
@@ -389,8 +380,8 @@ class TransformersEngine:
             end = next((i for i, token in enumerate(new) if token in self.stop_ids), None)
             if end is not None:
                 new = new[:end]
-            if request.stop:  # the row was given EOS the step after it wrote its stop string
-                new = new[: first_stop(self.tokenizer, new, request.stop) or len(new)]
+            if row in chooser.stopped:  # given EOS the step after it wrote its stop string
+                new = new[: chooser.stopped[row]]
             results.append(finished_result(self.tokenizer, request, new, chooser.logprobs[row], ended=end is not None))
         return results
 

@@ -159,7 +159,7 @@ def load_engine(resolved: store.ResolvedModel, device: Device, dtype: str) -> En
     engine = TransformersEngine(resolved.name, resolved.version, resolved.path, device.torch_device, dtype)
     if device.torch_device == "cpu" and emulated_on_this_cpu(engine.dtype):
         log.warning("dtype_emulated model=%s dtype=%s device=%s: this CPU has no %s instructions, so decoding in it "
-                    "may be several times slower than in float32 (TEXTNLP_DTYPE; bench/throughput.py --dtype measures)",
+                    "may be several times slower than in float32 (TEXTNLP_DTYPE; bench/dtype.py measures)",
                     resolved.name, engine.dtype, device, engine.dtype)
     return engine
 
