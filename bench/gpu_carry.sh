@@ -3,7 +3,8 @@
 # (where PyPI is reachable), before a session spends its few device minutes.
 #
 #   bash bench/gpu_carry.sh            # then, on the device: carry=[".gpu_carry"] and
-#   CARRY=$(pwd)/.gpu_carry SMALL_LIMIT=300 STEADY_LIMIT=200 DEMO_DEVICES="" GPU_CHECK_LOGS=$OUT/logs bash bench/gpu_check.sh
+#   CARRY=$(pwd)/.gpu_carry SMALL_LIMIT=300 STEADY_LIMIT=200 DEMO_DEVICES="" bash bench/gpu_check.sh
+#   (its logs land in $OUT/gpu_check as each step runs)
 #
 # The GPU machine (../shared/GPU.md) has Python 3.12 with torch, transformers, tokenizers,
 # safetensors, prometheus-client, typer and rich, and none of the rest of this project's stack,

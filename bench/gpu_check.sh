@@ -31,15 +31,24 @@
 #      TEXTNLP_DTYPE by (DTYPE=0 skips it);
 #   7. (DEMO_DEVICES="cuda.0 cpu.0") the same on `demo` on each device named (carry
 #      bench/.models/demo to skip training it).
-# Results (logs, BENCH_RESULT lines) are copied to $OUT when it is set. Exit status: the number of
-# failed steps.
+# Results (logs, BENCH_RESULT lines) are written to $OUT/gpu_check as each step runs when $OUT is
+# set (GPU_CHECK_LOGS names another folder; they are then copied to $OUT at the end).
+# Exit status: the number of failed steps.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-LOGS=${GPU_CHECK_LOGS:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+# Under the device tool, logs go straight into $OUT: a run cut off by its time limit still brings
+# back every step that finished (a copy at the end would bring back nothing).
+if [ -n "${GPU_CHECK_LOGS:-}" ]; then
+    LOGS=$GPU_CHECK_LOGS
+elif [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    LOGS=$OUT/gpu_check
+else
+    LOGS=$(mktemp -d /tmp/gpu_check.XXXXXX)
+fi
 mkdir -p "$LOGS"
 PG_PORT=${PG_PORT:-5432}
 REDIS_PORT=${REDIS_PORT:-6379}
@@ -199,7 +208,7 @@ say "summary"
 [ -f "$LOGS/kv-cache.log" ] && grep -E '^  (uniform|mixed|same)' "$LOGS/kv-cache.log"
 [ -f "$LOGS/dtype.log" ] && grep -E 'tok/s' "$LOGS/dtype.log"
 grep -h '^BENCH_RESULT ' "$LOGS"/bench-*.log > "$LOGS/bench_results.jsonl" 2>/dev/null
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] && [[ $LOGS != "$OUT"* ]]; then
     cp "$LOGS"/bench_results.jsonl "$LOGS"/bench-*.log "$LOGS"/kv-cache.log "$LOGS"/dtype.log "$OUT/" 2>/dev/null
 fi
 echo "logs in $LOGS; $FAILED step(s) failed; $((SECONDS - STARTED))s in all"
