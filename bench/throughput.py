@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from functools import partial
@@ -747,6 +748,8 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from textnlp_jobs.settings import ModelDtype
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="demo, small, narrow, launch or tiny; comma-separated")
     parser.add_argument("--jobs", type=int, default=256, help="N: jobs for the batched runs")
@@ -775,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads in this process AND the worker (default: torch's own default)")
     parser.add_argument("--worker-concurrency", type=int, default=None,
                         help="task threads of the batched worker (default: the worker's own, = max_batch)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    parser.add_argument("--dtype", choices=typing.get_args(ModelDtype), default="auto",
                         help="weights' dtype, direct and the worker's TEXTNLP_DTYPE (auto: the checkpoint's)")
     parser.add_argument("--group-spacing-ms", type=float, default=None,
                         help="the worker's TEXTNLP_GROUP_SPACING_MS (default: the device's, 25 on a CPU, 0 on a GPU)")

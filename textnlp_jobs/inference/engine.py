@@ -185,9 +185,10 @@ class _RowwiseChooser:
         self.tokenizer = tokenizer
         self.logprobs: list[list[float]] = [[] for _ in requests]
         self.generators = [seeded_generator(request, device) for request in requests]
-        # Rows with stop strings: their tokens so far; and, once a row wrote one, how many it had then.
+        # Rows with stop strings: their tokens so far; and the rows that wrote one (the EOS they are
+        # given at the next step marks where their tokens end).
         self.written: dict[int, list[int]] = {row: [] for row, request in enumerate(requests) if request.stop}
-        self.stopped: dict[int, int] = {}
+        self.stopped: set[int] = set()
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
@@ -206,7 +207,7 @@ class _RowwiseChooser:
             if written is not None:
                 written.append(chosen_list[row])
                 if writes_stop(self.tokenizer, written, request.stop):
-                    self.stopped[row] = len(written)
+                    self.stopped.add(row)
         forced = torch.full_like(scores, -math.inf)
         forced.scatter_(1, chosen.unsqueeze(1), 0.0)
         return forced
@@ -377,11 +378,10 @@ class TransformersEngine:
         results = []
         for row, request in enumerate(requests):
             new = output[row, width:].tolist()[: request.max_new_tokens]
+            # A stop token: the model's own, or the EOS a row that wrote its stop string was given.
             end = next((i for i, token in enumerate(new) if token in self.stop_ids), None)
             if end is not None:
                 new = new[:end]
-            if row in chooser.stopped:  # given EOS the step after it wrote its stop string
-                new = new[: chooser.stopped[row]]
             results.append(finished_result(self.tokenizer, request, new, chooser.logprobs[row], ended=end is not None))
         return results
 
