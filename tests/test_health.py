@@ -89,6 +89,10 @@ def test_health_reports_a_killed_device_worker_down_and_ok_again_after_its_resta
     assert component(before, "worker testnode/cpu.0").status == "ok", not_ok(before)
     assert component(before, "worker testnode/cpu.0").value == "demo"  # the models it serves
     assert "1 consumer(s)" in component(before, "queue textnlp.gen.demo").detail
+    # The maintenance worker's placement need not name what the device workers serve: a queue a
+    # live worker consumes is reported (and its gauges set) all the same.
+    elsewhere = check(stack.settings(health_ping_timeout_seconds=1.0, placement={"*": ["other"]}))
+    assert "1 consumer(s)" in component(elsewhere, "queue textnlp.gen.demo").detail
 
     worker.kill()
     during = check(settings)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from celery.beat import PersistentScheduler
 from celery.schedules import crontab
 
-from textnlp_jobs.celery_app import celery_config
+from textnlp_jobs.celery_app import celery_config, create_app
 from textnlp_jobs.constants import MAINTENANCE_HEAVY_QUEUE, MAINTENANCE_QUEUE
 from textnlp_jobs.errors import ConfigurationError, UsageError
 from textnlp_jobs.maintenance import registry, schedule
@@ -55,6 +56,21 @@ def test_the_beat_schedule_follows_the_declarations_in_utc(tmp_path: Path) -> No
     assert (retention.hour, retention.minute) == ({2}, {0})
     assert entries["jobs.reconcile"]["options"]["expires"] == 300
     assert entries["db.retention"]["options"]["expires"] == 86_400
+
+
+def test_beat_sends_only_the_declared_tasks_and_no_result_cleanup_without_a_result_backend(tmp_path: Path) -> None:
+    for values, cleanup in (({}, False), ({"result_backend": f"db+sqlite:///{tmp_path / 'results.db'}"}, True)):
+        app = create_app(settings(tmp_path, **values))
+        try:
+            # The embedded beat's scheduler: it adds Celery's default entries to the configured ones.
+            scheduler = PersistentScheduler(app, schedule_filename=str(tmp_path / f"beat-{cleanup}"))
+            try:
+                assert set(scheduler.schedule) - set(registry.load_tasks()) == (
+                    {"celery.backend_cleanup"} if cleanup else set())
+            finally:
+                scheduler.close()
+        finally:
+            app.close()
 
 
 def test_a_time_changed_by_name_in_the_settings_replaces_the_declared_one(tmp_path: Path) -> None:

@@ -32,6 +32,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,  # a Redis restart is waited out, not fatal
         "result_backend": settings.result_backend.get_secret_value() if settings.result_backend else None,
         "task_ignore_result": True,  # results live in the ledger
+        # With no result backend there is nothing to expire: otherwise beat adds Celery's own
+        # daily celery.backend_cleanup, a task no maintenance list shows and nothing needs.
+        **({} if settings.result_backend else {"result_expires": None}),
         # JSON only: a pickled message is refused before anything runs.
         "task_serializer": "json",
         "result_serializer": "json",

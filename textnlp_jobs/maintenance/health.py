@@ -247,7 +247,11 @@ def _check_queues(report: HealthReport, settings: Settings, depths: dict[str, in
                   consumers: dict[str, int] | None) -> None:
     metrics.QUEUE_DEPTH.clear()
     metrics.QUEUE_OLDEST_AGE.clear()
-    names = set(depths) | set(ages) | {generation_queue(m) for ms in settings.placement.values() for m in ms}
+    # Every model queue that holds jobs, is placed here, or that a live worker consumes: the
+    # maintenance worker's own placement need not name the models the device workers serve.
+    served = {queue for queue in consumers or {} if queue.startswith(GENERATION_QUEUE_PREFIX)}
+    names = (set(depths) | set(ages) | served
+             | {generation_queue(m) for ms in settings.placement.values() for m in ms})
     for queue in sorted(names):
         depth, age = depths.get(queue, 0), ages.get(queue, 0.0)
         metrics.QUEUE_DEPTH.labels(queue).set(depth)
