@@ -8,7 +8,8 @@ call waits for all of that. On a scratch stack (PostgreSQL + Redis, the ``launch
 registered) it times, for N jobs, the median over the repeats of:
 
 1. validation (token counts included), 2. the insert, 3. the first pipeline of messages
-(``PUBLISH_BATCH``): the sum is when a worker can first see a job; and, separately, 4. one whole
+(``publish.pipelines``: ``FIRST_PUBLISH_BATCH`` messages): the sum is when a worker can first
+see a job; and, separately, 4. one whole
 ``submit_many`` call. It prints each phase, the share of the whole call spent before the first
 message, and jobs/s. To compare two versions of the code, run it from each checkout.
 """
@@ -37,7 +38,7 @@ def main() -> None:
 
     from textnlp_jobs import __file__ as package_file
     from textnlp_jobs.db import repository as repo
-    from textnlp_jobs.publish import PUBLISH_BATCH, publish, publish_and_mark
+    from textnlp_jobs.publish import pipelines, publish, publish_and_mark
 
     _, path = throughput.ensure_model(args.model)
     with ExitStack() as exits:
@@ -56,9 +57,10 @@ def main() -> None:
                 records = repo.insert_jobs_once(session, jobs)
             t2 = time.perf_counter()
             routings = [repo.Routing(r.id, r.model, r.device, r.priority) for r in records]
-            publish(client.celery, client.settings, routings[:PUBLISH_BATCH])
+            first = len(pipelines(len(routings))[0])
+            publish(client.celery, client.settings, routings[:first])
             t3 = time.perf_counter()
-            publish_and_mark(client.celery, client.settings, client.sessions, routings[PUBLISH_BATCH:])
+            publish_and_mark(client.celery, client.settings, client.sessions, routings[first:])
             specs = [stack.spec(p, 32) for p in prompts]
             t4 = time.perf_counter()
             client.submit_many(specs)

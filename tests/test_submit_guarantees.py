@@ -3,20 +3,28 @@ parameters), no job accepted that can never run, and a job that exists is never 
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from textnlp_jobs.client import Client
+from textnlp_jobs.constants import GENERATE_TASK
 from textnlp_jobs.db import device_workers
+from textnlp_jobs.db import repository as repo
 from textnlp_jobs.db.models import Generation, Prompt
 from textnlp_jobs.devices import Device
 from textnlp_jobs.errors import IdempotencyConflictError, InputError
 from textnlp_jobs.local_stack import REPO_ROOT, LocalStack, scratch_postgres
+from textnlp_jobs.publish import FIRST_PUBLISH_BATCH, PUBLISH_BATCH, broker_priority, pipelines, publish
 
 from .conftest import TEST_NODE
 from .test_producer_errors import messages_in_broker
@@ -56,6 +64,45 @@ def test_a_bulk_call_over_many_insert_batches_creates_every_job_and_one_message_
     jobs = client.submit_many([{"prompt": f"Return a new list {i}", "model": "demo"} for i in range(2_500)])
     assert len({job.id for job in jobs}) == 2_500 == rows(client)
     assert messages_in_broker(stack.env["TEXTNLP_BROKER_URL"]) == 2_500
+
+
+def test_a_bulk_call_publishes_each_message_once_the_first_few_in_a_pipeline_of_their_own() -> None:
+    for count in (0, 1, FIRST_PUBLISH_BATCH, FIRST_PUBLISH_BATCH + 1, 2_500):
+        ranges = pipelines(count)
+        assert [i for r in ranges for i in r] == list(range(count))
+        assert all(len(r) <= PUBLISH_BATCH for r in ranges)
+        if count:  # a worker can start on these while the next pipeline is built
+            assert len(ranges[0]) == min(count, FIRST_PUBLISH_BATCH)
+
+
+def test_a_published_message_is_the_one_celery_send_task_writes_but_for_its_ids(stack: LocalStack) -> None:
+    """publish() builds Celery's task protocol itself (send_task was a producer's bottleneck): a
+    worker of any kind, Flower and the dead-letter sweep see the same message as before."""
+    client = Client(stack.settings())
+    ours, celerys = uuid.uuid4(), uuid.uuid4()
+    publish(client.celery, client.settings, [repo.Routing(ours, "demo", None, 7)])
+    with client.celery.producer_or_acquire() as producer:
+        client.celery.send_task(GENERATE_TASK, args=[str(celerys)], task_id=str(celerys), queue="textnlp.gen.demo",
+                                priority=broker_priority(7), producer=producer, argsrepr=f"['{celerys}']",
+                                kwargsrepr="{}")
+    broker = redis.Redis.from_url(stack.env["TEXTNLP_BROKER_URL"])
+    try:
+        raw = [json.loads(m) for key in broker.scan_iter(match="textnlp.gen.demo*", _type="list")
+               for m in broker.lrange(key, 0, -1)]
+    finally:
+        broker.close()
+
+    def without_ids(message: dict[str, Any]) -> dict[str, Any]:
+        job_id = message["headers"]["id"]
+        message["body"] = json.loads(base64.b64decode(message["body"]))
+        message["properties"].pop("delivery_tag")  # kombu's, unique per message
+        return cast(dict[str, Any], json.loads(json.dumps(message).replace(job_id, "ID")))
+
+    by_id = {m["headers"]["id"]: m for m in raw}
+    assert set(by_id) == {str(ours), str(celerys)}
+    assert without_ids(by_id[str(ours)]) == without_ids(by_id[str(celerys)])
+    assert by_id[str(ours)]["body"] == [[str(ours)], {}, {"callbacks": None, "errbacks": None, "chain": None,
+                                                          "chord": None}]
 
 
 def test_every_field_of_a_bulk_call_is_stored_as_submitted(stack: LocalStack) -> None:

@@ -40,7 +40,7 @@ from textnlp_jobs.errors import (
 )
 from textnlp_jobs.inference import store
 from textnlp_jobs.metrics import registry as metrics
-from textnlp_jobs.publish import publish_and_mark
+from textnlp_jobs.publish import publish
 from textnlp_jobs.settings import Settings, get_settings
 from textnlp_jobs.validation import validate_job
 
@@ -118,7 +118,10 @@ class Client:
         for start in range(0, len(routings), INSERT_BATCH):
             chunk = routings[start:start + INSERT_BATCH]
             try:
-                publish_and_mark(self.celery, self.settings, self.sessions, chunk)
+                # Not stamped: the reconciler reads a row's last send as published_at, else
+                # created_at, and these were created a moment ago. A second write of every row
+                # (its index included) cost as much as the insert.
+                publish(self.celery, self.settings, chunk)
             except Exception as error:  # any broker failure: the rows are safe
                 unsent = len(routings) - start
                 # A caller that handles it (the CLI prints one line) gets the callback; anyone
