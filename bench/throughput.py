@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -52,6 +53,12 @@ if str(REPO) not in sys.path:  # `python bench/throughput.py` from a checkout th
     sys.path.insert(0, str(REPO))
 
 MODEL_ROOT = REPO / "bench" / ".models"
+# --simulated-device: the folder a worker's PYTHONPATH gets, so its sitecustomize runs there too.
+SIMULATED_DEVICE_PATH = REPO / "bench" / "simulated_device"
+_spec = importlib.util.spec_from_file_location("simulated_device", SIMULATED_DEVICE_PATH / "sitecustomize.py")
+assert _spec is not None and _spec.loader is not None
+simulated_device = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(simulated_device)
 NODE = "benchnode"
 MAX_WAIT_MS = 50
 
@@ -690,6 +697,9 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print(f"machine: {info['host']}  device {info['device']} = {info['device_name']}  "
           f"torch {info['torch']}  transformers {info['transformers']}  torch threads {info['torch_threads']}  "
           f"cpus {info['cpu_count']}  python {info['python']}")
+    if info.get("simulated_device"):
+        print(f"SIMULATED device (--simulated-device {info['simulated_device']}): no model work, "
+              "every decode step and prefill only sleeps; direct = this project's decoder on the same sleeps")
     header = f"{'run':<30}{'jobs':>6}{'tokens':>8}{'wall s':>9}{'tok/s':>11}{'jobs/s':>9}{'ms/job':>9}{'batch':>7}"
     for r in results:
         print(f"\nmodel {r['model']} ({r['version']})  N={r['jobs']} worker max_batch={r['batch']} "
@@ -782,8 +792,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights' dtype, direct and the worker's TEXTNLP_DTYPE (auto: the checkpoint's)")
     parser.add_argument("--group-spacing-ms", type=float, default=None,
                         help="the worker's TEXTNLP_GROUP_SPACING_MS (default: the device's, 25 on a CPU, 0 on a GPU)")
+    parser.add_argument("--simulated-device", default=None, metavar="STEP_MS[,PREFILL_MS]",
+                        help="no model work: each decode step sleeps STEP_MS, each start or join PREFILL_MS "
+                             "(bench/simulated_device), here and in the worker; only this project's decoder "
+                             "runs direct. The system's own costs at a GPU's time scale, on a CPU machine")
     args = parser.parse_args(argv)
     args.batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+    if args.simulated_device:
+        try:
+            simulated_device.parse(args.simulated_device)
+        except ValueError as error:
+            parser.error(f"--simulated-device: {error}")
+        if args.batch is None:
+            parser.error("--simulated-device needs --batch (there are no static direct runs to take it from)")
+        # Static generate() and transformers' manager would run the real model: not comparable.
+        args.batches, args.hf_max_batch_tokens = [], ""
     if args.batch is None:
         args.batch = max(args.batches)
     args.hf_max_batch_tokens = [int(t) for t in args.hf_max_batch_tokens.split(",") if t.strip()]
@@ -807,6 +830,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.simulated_device:
+        # Here now, and in the worker and its engine process through their start-up (sitecustomize).
+        os.environ[simulated_device.ENVIRONMENT] = args.simulated_device
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SIMULATED_DEVICE_PATH),
+                                                                 os.environ.get("PYTHONPATH")]))
+        simulated_device.install(args.simulated_device)
+        say(f"simulated device: decode step {args.simulated_device} ms (step[,prefill]), no model work")
     import torch
 
     if args.torch_threads:
@@ -815,6 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.device} asked for but torch sees no CUDA device")
 
     info = machine(args.device)
+    info["simulated_device"] = args.simulated_device
     say(f"{info['device_name']}, torch {info['torch']}, {info['torch_threads']} torch threads")
     results = [bench_model(name.strip(), args) for name in args.model.split(",") if name.strip()]
     print_table(info, results)
