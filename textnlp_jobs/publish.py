@@ -49,7 +49,7 @@ def publish(celery: Celery, settings: Settings, routings: Sequence[repo.Routing]
     The messages are Celery's task protocol 2, as ``send_task`` writes them, but built here from
     one template per call: ``send_task`` spent about 0.3 ms of Python on each (routing, settings
     look-ups, signals, a retry wrapper that a pipelined publish never uses), so one producer
-    published about 1,500 jobs/s, no faster than a GPU runs a small model's jobs
+    published about 1,800 jobs/s, no faster than a GPU runs a small model's jobs
     (``bench/submit.py``). Each queue is declared with its first message only."""
     if not routings:
         return
@@ -58,6 +58,9 @@ def publish(celery: Celery, settings: Settings, routings: Sequence[repo.Routing]
     template = celery.amqp.as_task_v2("-", GENERATE_TASK, args=["-"], kwargs={}, reply_to=celery.thread_oid,
                                       ignore_result=None)
     _, _, embed = template.body  # no callbacks, errbacks, chain or chord
+    # A declaration talks to the broker at once: retried as send_task retries it, which also
+    # replaces a pooled connection that died with a broker restart before the pipeline is sent.
+    retry = {"retry": True, **celery.conf.task_publish_retry_policy} if celery.conf.task_publish_retry else {}
     declared: set[str] = set()
     with celery.producer_or_acquire() as producer:
         for indices in pipelines(len(routings)):
@@ -65,14 +68,15 @@ def publish(celery: Celery, settings: Settings, routings: Sequence[repo.Routing]
                 for routing in (routings[i] for i in indices):
                     job_id = str(routing.id)
                     queue = queue_for(routing, settings)
-                    declare = None if queue in declared else [celery.amqp.queues[queue]]
-                    declared.add(queue)
+                    if queue not in declared:
+                        producer.maybe_declare(celery.amqp.queues[queue], **retry)
+                        declared.add(queue)
                     argsrepr = f"['{job_id}']"
                     producer.publish(
                         json.dumps([[job_id], {}, embed]),
                         content_type="application/json", content_encoding="utf-8",
                         # A direct queue is published to through the anonymous exchange, as Celery does.
-                        exchange="", routing_key=queue, declare=declare,
+                        exchange="", routing_key=queue,
                         priority=broker_priority(routing.priority), delivery_mode=2,
                         headers={**template.headers, "id": job_id, "root_id": job_id,
                                  "argsrepr": argsrepr, "kwargsrepr": "{}"},
