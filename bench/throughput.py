@@ -699,7 +699,8 @@ def print_table(info: dict[str, Any], results: list[dict[str, Any]]) -> None:
           f"cpus {info['cpu_count']}  python {info['python']}")
     if info.get("simulated_device"):
         print(f"SIMULATED device (--simulated-device {info['simulated_device']}): no model work, "
-              "every decode step and prefill only sleeps; direct = this project's decoder on the same sleeps")
+              "every decode step and prefill only spins (HOST_MS, holding the GIL) and sleeps; direct = this project's "
+              "decoder on the same device times")
     header = f"{'run':<30}{'jobs':>6}{'tokens':>8}{'wall s':>9}{'tok/s':>11}{'jobs/s':>9}{'ms/job':>9}{'batch':>7}"
     for r in results:
         print(f"\nmodel {r['model']} ({r['version']})  N={r['jobs']} worker max_batch={r['batch']} "
@@ -792,10 +793,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights' dtype, direct and the worker's TEXTNLP_DTYPE (auto: the checkpoint's)")
     parser.add_argument("--group-spacing-ms", type=float, default=None,
                         help="the worker's TEXTNLP_GROUP_SPACING_MS (default: the device's, 25 on a CPU, 0 on a GPU)")
-    parser.add_argument("--simulated-device", default=None, metavar="STEP_MS[,PREFILL_MS]",
-                        help="no model work: each decode step sleeps STEP_MS, each start or join PREFILL_MS "
-                             "(bench/simulated_device), here and in the worker; only this project's decoder "
-                             "runs direct. The system's own costs at a GPU's time scale, on a CPU machine")
+    parser.add_argument("--simulated-device", default=None, metavar="STEP_MS[,PREFILL_MS[,HOST_MS]]",
+                        help="no model work: each decode step takes STEP_MS, each start or join PREFILL_MS, "
+                             "the first HOST_MS of each spent in Python holding the GIL as a launch-bound "
+                             "model's kernel launches do, the rest asleep (bench/simulated_device), here and "
+                             "in the worker; only this project's decoder runs direct. The system's own costs "
+                             "at a GPU's time scale, on a CPU machine")
     args = parser.parse_args(argv)
     args.batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
     if args.simulated_device:
@@ -836,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SIMULATED_DEVICE_PATH),
                                                                  os.environ.get("PYTHONPATH")]))
         simulated_device.install(args.simulated_device)
-        say(f"simulated device: decode step {args.simulated_device} ms (step[,prefill]), no model work")
+        say(f"simulated device: {args.simulated_device} ms (step[,prefill[,host]]), no model work")
     import torch
 
     if args.torch_threads:

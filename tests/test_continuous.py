@@ -3,10 +3,12 @@ sampling, seeds, greedy text and log-probabilities are those of the job run alon
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,34 @@ def test_a_job_submitted_while_a_batch_decodes_joins_it_and_leaves_first() -> No
     finally:
         batcher.stop()
     assert engine.batches == [1, 2]
+
+
+@pytest.mark.parametrize("loop", ["continuous", "static"])
+def test_jobs_that_finish_in_one_step_are_resolved_in_one_results_block(loop: str) -> None:
+    # The engine process's outbox holds its sender for the block, so such a group reaches the
+    # worker as one message and is written in one statement (engine_process.serve).
+    engine = StubEngine("demo")
+    batcher = continuous(engine, 4, max_wait_ms=200) if loop == "continuous" else \
+        MicroBatcher({"demo": engine}, lambda _: BatchingPolicy(max_batch=4, max_wait_ms=200), name="stub")
+    blocks: list[list[str]] = []
+    open_block: list[str] = []
+
+    @contextlib.contextmanager
+    def together() -> Iterator[None]:
+        open_block.clear()
+        yield
+        blocks.append(sorted(open_block))
+
+    batcher.results_together = together
+    futures = [batcher.submit(name, "demo", EngineRequest([1, 2], 2, GREEDY)) for name in "abcd"]
+    for name, future in zip("abcd", futures, strict=True):  # before the loop starts: no race
+        future.add_done_callback(lambda _, name=name: open_block.append(name))
+    batcher.start()
+    try:
+        assert all(f.result(timeout=10).batch_size == 4 for f in futures)
+    finally:
+        batcher.stop()
+    assert ["a", "b", "c", "d"] in blocks
 
 
 def test_the_join_cost_separates_the_fixed_part_from_the_newcomers_own_prefill() -> None:

@@ -108,6 +108,19 @@ def test_results_sent_without_a_snapshot_are_followed_by_one_well_before_the_idl
     assert not sender.is_alive()
 
 
+def test_results_put_inside_a_held_block_are_taken_together_after_it() -> None:
+    results = engine_process._Outbox()
+    with results.held():
+        results.put("a")
+        assert results.take_all(timeout=0.05) == []  # the sender waits for the block's end
+        results.put("b")
+    assert results.take_all(timeout=5) == ["a", "b"]
+    results.put("c")  # outside a block: taken at once, as before
+    assert results.take_all(timeout=5) == ["c"]
+    results.close()
+    assert results.take_all() is None
+
+
 def engine_pid(worker_pid: int) -> int:
     """The worker's child that runs its models (a multiprocessing spawn)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):

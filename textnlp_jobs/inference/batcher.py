@@ -10,12 +10,14 @@ and retries them; any other failure is bisected too, so one bad row fails only i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +86,10 @@ class DeviceLoop:
         self._changed = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Results resolved inside it travel on together: the engine process installs its outbox's
+        # hold, so a group that finished in one step reaches the worker as one message, and the
+        # worker writes it in one statement rather than in whatever pieces its sender caught.
+        self.results_together: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
     # --- the callers' side -----------------------------------------------------------------
     def submit(self, job_id: Any, model: str, request: EngineRequest) -> Future[BatchedResult]:
@@ -212,11 +218,12 @@ class MicroBatcher(DeviceLoop):
         elapsed = time.monotonic() - started
         metrics.device_loop(engine.model_name, "batch", elapsed, len(batch))
         self._record(engine, batch, results, elapsed)
-        for pending, result in zip(batch, results, strict=True):
-            pending.future.set_result(BatchedResult(
-                result, engine.model_version, len(batch), elapsed, started - pending.arrived,
-                len(pending.request.prompt_ids),
-            ))
+        with self.results_together():
+            for pending, result in zip(batch, results, strict=True):
+                pending.future.set_result(BatchedResult(
+                    result, engine.model_version, len(batch), elapsed, started - pending.arrived,
+                    len(pending.request.prompt_ids),
+                ))
 
     @staticmethod
     def _fail(batch: Sequence[PendingJob], error: BaseException) -> None:

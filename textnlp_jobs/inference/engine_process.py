@@ -5,7 +5,8 @@ pins nothing itself: it inherits the parent's ``CUDA_VISIBLE_DEVICES``, loads th
 (``LocalEngineSide.load``), warms them up, says ``ready`` and then serves. Both directions carry
 lists, not single items: the parent's sender thread sends every job handed in since its last
 send as one message, and the child's sender thread returns every result finished since its last
-one, so under load a pipe message carries many jobs and the decode loop pays for little more
+one (the rows that finished in one decode step or batch always together: the worker then writes
+them in one statement), so under load a pipe message carries many jobs and the decode loop pays for little more
 than a list append per job.
 
 Lifetimes: the child ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a supervisor's signal to
@@ -24,6 +25,7 @@ copies: one process pushes one pushgateway group and serves one ``/metrics``, as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -33,7 +35,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
@@ -119,11 +121,26 @@ class _Outbox:
         self._items: deque[Any] = deque()
         self._changed = threading.Condition()
         self._closed = False
+        self._holds = 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Items put inside the block are taken together: ``take_all`` waits for its end."""
+        with self._changed:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._holds -= 1
+                if self._items and not self._holds:
+                    self._changed.notify()
 
     def put(self, item: Any) -> None:
         with self._changed:
             self._items.append(item)
-            self._changed.notify()
+            if not self._holds:  # inside a block, its end wakes the sender once (not once per item)
+                self._changed.notify()
 
     def close(self) -> None:
         with self._changed:
@@ -131,10 +148,10 @@ class _Outbox:
             self._changed.notify_all()
 
     def take_all(self, timeout: float | None = None) -> list[Any] | None:
-        """Everything handed in so far, waiting for at least one (an empty list after ``timeout``);
-        None once closed and empty."""
+        """Everything handed in so far, waiting for at least one and for the end of any ``held``
+        block (an empty list after ``timeout``); None once closed and empty."""
         with self._changed:
-            while not self._items and not self._closed:
+            while (not self._items or self._holds) and not self._closed:
                 if not self._changed.wait(timeout) and timeout is not None:
                     return []
             if not self._items:
@@ -307,6 +324,7 @@ def serve(conn: Connection, device: str, references: list[str], torch_threads: i
 
     metrics.worker_started(Device.parse(device, settings.node_name).local)  # labels the last-batch time
     results = _Outbox()
+    side.batcher.results_together = results.held  # a group finished in one step leaves as one message
     sender = threading.Thread(target=_send_results, args=(conn, results), name="engine-results", daemon=True)
     sender.start()
     conn.send(("ready", {"mode": side.mode}))
