@@ -5,9 +5,9 @@ pins nothing itself: it inherits the parent's ``CUDA_VISIBLE_DEVICES``, loads th
 (``LocalEngineSide.load``), warms them up, says ``ready`` and then serves. Both directions carry
 lists, not single items: the parent's sender thread sends every job handed in since its last
 send as one message, and the child's sender thread returns every result finished since its last
-one (the rows that finished in one decode step or batch always together: the worker then writes
-them in one statement), so under load a pipe message carries many jobs and the decode loop pays for little more
-than a list append per job.
+one (the rows that finished in one decode step or batch always in one message, so the worker
+writes them in one statement). Under load a pipe message carries many jobs, and the decode loop
+pays for little more than a list append per job.
 
 Lifetimes: the child ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a supervisor's signal to
 the process group reaches the worker, which then stops the child in order, after its running
