@@ -187,3 +187,19 @@ def test_a_sigkilled_worker_leaves_no_engine_process_behind(stack: LocalStack) -
     while not gone(engine):
         assert time.monotonic() < give_up, worker.log_tail()
         time.sleep(0.1)
+
+
+@pytest.mark.integration
+def test_a_ready_worker_and_its_engine_process_keep_their_start_up_heap_out_of_collections(
+        stack: LocalStack) -> None:
+    # A full collection walking the models and the imported libraries stalled the decode loop (and
+    # the worker's claims and writes) for about 200 ms once or twice a run (heap.py).
+    worker = ready_worker(stack)
+    give_up = time.monotonic() + 60
+    while not all(f"start_up_heap_frozen process={p}" in worker.log_tail(400) for p in ("engine", "device_worker")):
+        assert worker.alive and time.monotonic() < give_up, worker.log_tail()
+        time.sleep(0.2)
+    client = Client(stack.settings())
+    ids = [job.id for job in client.submit_many(job_specs(4, max_new_tokens=4))]
+    assert_each_succeeded_exactly_once(client, ids, wait_until_final(client, ids, timeout=120), worker.log_tail())
+

@@ -91,6 +91,8 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         raise ConfigurationError(f"device {dev} requested but CUDA is not available",
                                  code=ErrorCode.CONFIG_DEVICE_UNAVAILABLE)
 
+    from celery.signals import worker_ready
+
     from textnlp_jobs import generation_consumer
     from textnlp_jobs.celery_app import app
     from textnlp_jobs.db.health import ledger_errors
@@ -128,6 +130,8 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         # Celery's own task consumer only watches a queue of its own.
         generation_consumer.install(app, runtime, queues, prefetch=in_flight, drain_seconds=settings.max_job_seconds)
         start_worker_metrics(settings, DEVICE_WORKER_JOB, dev.local, device=dev.local)
+        # Once Celery is up, a full collection should walk only what the jobs make (heap.py).
+        worker_ready.connect(freeze_worker_heap, weak=False)
         announce_device(settings, dev.local, dev.hostname)
         log.info("device_worker_starting device=%s models=%s queues=%s in_flight=%d cuda_visible_devices=%s "
                  "torch_device=%s", dev, names, queues, in_flight, os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -151,6 +155,12 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     finally:
         liveness.stop()
     return int(status or 0)
+
+
+def freeze_worker_heap(**_: Any) -> None:
+    from textnlp_jobs.heap import freeze_start_up_heap
+
+    freeze_start_up_heap("device_worker")
 
 
 def make_engine_side(settings: Settings, factory: Any, dev: Device, references: Sequence[str],

@@ -42,6 +42,7 @@ from typing import Any
 
 from textnlp_jobs import errors
 from textnlp_jobs.errors import InferenceError, TextNLPError, WorkerShuttingDownError
+from textnlp_jobs.heap import freeze_start_up_heap
 from textnlp_jobs.inference.batcher import BatchedResult
 from textnlp_jobs.inference.engine_side import JobSpec
 from textnlp_jobs.metrics import registry as metrics
@@ -323,6 +324,7 @@ def serve(conn: Connection, device: str, references: list[str], torch_threads: i
     from textnlp_jobs.devices import Device
 
     metrics.worker_started(Device.parse(device, settings.node_name).local)  # labels the last-batch time
+    freeze_start_up_heap("engine")  # a full collection must not walk the models at every pass
     results = _Outbox()
     side.batcher.results_together = results.held  # a group finished in one step leaves as one message
     sender = threading.Thread(target=_send_results, args=(conn, results), name="engine-results", daemon=True)
