@@ -202,4 +202,3 @@ def test_a_ready_worker_and_its_engine_process_keep_their_start_up_heap_out_of_c
     client = Client(stack.settings())
     ids = [job.id for job in client.submit_many(job_specs(4, max_new_tokens=4))]
     assert_each_succeeded_exactly_once(client, ids, wait_until_final(client, ids, timeout=120), worker.log_tail())
-

@@ -158,6 +158,7 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
 
 
 def freeze_worker_heap(**_: Any) -> None:
+    """Celery's ``worker_ready`` receiver in a device worker: start-up is over (heap.py)."""
     from textnlp_jobs.heap import freeze_start_up_heap
 
     freeze_start_up_heap("device_worker")
