@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +88,7 @@ class DeviceLoop:
         # Results resolved inside it travel on together: the engine process installs its outbox's
         # hold, so a group that finished in one step reaches the worker as one message, and the
         # worker writes it in one statement rather than in whatever pieces its sender caught.
-        self.results_together: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+        self.results_together: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
 
     # --- the callers' side -----------------------------------------------------------------
     def submit(self, job_id: Any, model: str, request: EngineRequest) -> Future[BatchedResult]:

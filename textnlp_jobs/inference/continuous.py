@@ -21,7 +21,6 @@ most the rows it kept until it empties. A row that alone runs out of memory fail
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -366,19 +365,20 @@ class ContinuousBatcher(DeviceLoop):
 
     def _finish(self, running: _Running, finished: list[tuple[Hashable, Any]]) -> None:
         now = time.monotonic()
-        if finished:
+        if finished:  # most steps finish none: only then is the results block opened
             metrics.batch_finished()
-        with self.results_together() if finished else contextlib.nullcontext():  # most steps finish none
-            for key, result in finished:
-                job, admitted, size = running.jobs.pop(key)
-                running.count_tokens(result.tokens_generated, now)
-                # No single generate call here: a job's time in the running batch is its inference time.
-                metrics.INFERENCE_DURATION.labels(
-                    running.engine.model_name, running.engine.model_version,
-                    metrics.input_length_bucket(len(job.request.prompt_ids))).observe(now - admitted)
-                if not job.future.done():
-                    job.future.set_result(BatchedResult(result, running.engine.model_version, size, now - admitted,
-                                                        admitted - job.arrived, len(job.request.prompt_ids)))
+            with self.results_together():
+                for key, result in finished:
+                    job, admitted, size = running.jobs.pop(key)
+                    running.count_tokens(result.tokens_generated, now)
+                    # No single generate call here: a job's time in the running batch is its inference time.
+                    metrics.INFERENCE_DURATION.labels(
+                        running.engine.model_name, running.engine.model_version,
+                        metrics.input_length_bucket(len(job.request.prompt_ids))).observe(now - admitted)
+                    if not job.future.done():
+                        job.future.set_result(BatchedResult(
+                            result, running.engine.model_version, size, now - admitted,
+                            admitted - job.arrived, len(job.request.prompt_ids)))
         if not running.jobs:
             running.cap = None
             # An idle device is not a slow one: the next window starts with the next batch.
