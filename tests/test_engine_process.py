@@ -176,6 +176,25 @@ def test_a_killed_engine_process_stops_its_worker_non_zero_and_loses_no_job(stac
     assert_each_succeeded_exactly_once(client, ids, final, replacement.log_tail())
 
 
+@pytest.mark.slow
+def test_a_spawned_engine_process_reports_its_load_failure_at_start_and_a_stop_before_start_ends_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker spawns its engine process first thing (its imports take most of a start-up) and
+    # says load only after registering the device; a refused worker stops the child at once.
+    monkeypatch.setenv("TEXTNLP_HOME", str(tmp_path))  # an empty home: nothing can load there
+    never_started = engine_process.RemoteEngineSide("cpu.0", ["demo"], start_timeout=120)
+    never_started.spawn()
+    never_started.stop(timeout=30)
+    assert never_started.pid is not None and gone(never_started.pid)
+    started = engine_process.RemoteEngineSide("cpu.0", ["demo"], start_timeout=120)
+    started.spawn()
+    started.spawn()  # a second call starts no second child
+    pid = started.pid
+    with pytest.raises(TextNLPError):  # the load, at start, fails on the empty home: reported here
+        started.start()
+    assert started.pid == pid and gone(pid)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_sigkilled_worker_leaves_no_engine_process_behind(stack: LocalStack) -> None:

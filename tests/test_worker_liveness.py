@@ -32,6 +32,15 @@ DEFAULT_TIMINGS = ("TEXTNLP_LEASE_SECONDS", "TEXTNLP_MAX_JOB_SECONDS", "TEXTNLP_
 FINAL = set(FINAL_STATUSES)
 
 
+def process_group_alive(group: int) -> bool:
+    """A process of the group is still there (the workers run as leaders of their own group)."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def device_row(client: Client, name: str) -> DeviceWorker | None:
     with client.sessions() as session:
         return session.execute(select(DeviceWorker).where(DeviceWorker.name == name)).scalar_one_or_none()
@@ -96,6 +105,11 @@ def test_a_second_worker_for_a_device_refuses_to_start(stack: LocalStack) -> Non
     second = stack.device_worker("cpu.0", args=["--models", "tiny"]).start()
     assert second.process is not None and second.process.wait(120) == 2
     assert "config.device_in_use" in second.log_tail() and "already served" in second.log_tail()
+    assert "model_loaded" not in second.log_tail(200)  # its engine process was spawned, never told to load
+    give_up = time.monotonic() + 30
+    while process_group_alive(second.process.pid):  # and was stopped with it
+        assert time.monotonic() < give_up, "the refused worker left a process behind"
+        time.sleep(0.1)
     assert first.alive
 
 

@@ -32,6 +32,7 @@ from textnlp_jobs.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from textnlp_jobs.db.repository import Routing
+    from textnlp_jobs.inference.engine_process import RemoteEngineSide
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,27 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
                                  f"{settings.node_name!r}", code=ErrorCode.CONFIG_DEVICE_INVALID)
     pin_device(dev.kind, dev.index)
     check_timeouts(settings)
-    import torch
+    references = list(models or settings.models_for_device(dev.local))  # "small" or "small@int8"
+    # The engine process starts first: its imports of torch and transformers take most of a
+    # worker's start-up, and run beside this process's own. It loads no model before ``start``.
+    engine_process = spawn_engine_process(settings, dev, references, torch_threads, loglevel)
+    try:
+        return _run_device_worker(settings, dev, references, engine_process, concurrency=concurrency,
+                                  loglevel=loglevel, torch_threads=torch_threads)
+    finally:
+        if engine_process is not None:
+            engine_process.stop()  # at once when it never started; else a no-op after runtime.stop
 
-    if dev.kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError(f"device {dev} requested but CUDA is not available",
-                                 code=ErrorCode.CONFIG_DEVICE_UNAVAILABLE)
+
+def _run_device_worker(settings: Settings, dev: Device, references: list[str],
+                       engine_process: RemoteEngineSide | None, *,
+                       concurrency: int | None, loglevel: str, torch_threads: int | None) -> int:
+    if dev.kind == "cuda":  # only this check needs torch in this process; the engine process loads it anyway
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"device {dev} requested but CUDA is not available",
+                                     code=ErrorCode.CONFIG_DEVICE_UNAVAILABLE)
 
     from celery.signals import worker_ready
 
@@ -105,7 +122,6 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
     from textnlp_jobs.publish import publish_and_mark
     from textnlp_jobs.tasks import generation
 
-    references = list(models or settings.models_for_device(dev.local))  # "small" or "small@int8"
     names = list(dict.fromkeys(parse_reference(r)[0] for r in references))
     factory = session_factory(settings)
 
@@ -119,7 +135,7 @@ def run_device_worker(device: str, models: Sequence[str] | None = None, *, concu
         liveness.register()
     liveness.start()
     try:
-        engine_side = make_engine_side(settings, factory, dev, references, torch_threads, loglevel)
+        engine_side = engine_process or load_engine_side(settings, factory, dev, references, torch_threads)
         queues = [generation_queue(m) for m in names] + [dev.queue]
         in_flight = (concurrency or settings.worker_concurrency
                      or 2 * max(settings.batching_for(m).max_batch for m in names))
@@ -164,16 +180,24 @@ def freeze_worker_heap(**_: Any) -> None:
     freeze_start_up_heap("device_worker")
 
 
-def make_engine_side(settings: Settings, factory: Any, dev: Device, references: Sequence[str],
-                     torch_threads: int | None, loglevel: str) -> Any:
-    """The device's engines and batching loop: in a child process (``TEXTNLP_ENGINE_PROCESS``,
-    the default), so ledger and broker work in this process never holds the GIL the decode loop
-    needs; or here, loaded now."""
-    if settings.engine_process:
-        from textnlp_jobs.inference.engine_process import RemoteEngineSide
+def spawn_engine_process(settings: Settings, dev: Device, references: Sequence[str], torch_threads: int | None,
+                         loglevel: str) -> RemoteEngineSide | None:
+    """The device's engines and batching loop in a child process (``TEXTNLP_ENGINE_PROCESS``, the
+    default), so ledger and broker work in this process never holds the GIL the decode loop needs:
+    spawned now, loading at ``start``. None when they run in this process (``load_engine_side``)."""
+    if not settings.engine_process:
+        return None
+    from textnlp_jobs.inference.engine_process import RemoteEngineSide
 
-        return RemoteEngineSide(dev.local, references, torch_threads=torch_threads, loglevel=loglevel,
-                                start_timeout=settings.max_job_seconds + 600)
+    side = RemoteEngineSide(dev.local, references, torch_threads=torch_threads, loglevel=loglevel,
+                            start_timeout=settings.max_job_seconds + 600)
+    side.spawn()
+    return side
+
+
+def load_engine_side(settings: Settings, factory: Any, dev: Device, references: Sequence[str],
+                     torch_threads: int | None) -> Any:
+    """The device's engines and batching loop in this process, loaded now."""
     from textnlp_jobs.inference.engine_side import LocalEngineSide, prepare_loop_process
 
     prepare_loop_process(torch_threads)

@@ -1,7 +1,10 @@
 """The engine half of a device worker in a child process (see ``engine_side`` for why).
 
-The worker (the parent) starts one child per device with ``RemoteEngineSide.start``. The child
-pins nothing itself: it inherits the parent's ``CUDA_VISIBLE_DEVICES``, loads the placed models
+The worker (the parent) starts one child per device with ``RemoteEngineSide.spawn``, first thing,
+so the child's imports of torch and transformers run beside the worker's own start-up; the child
+loads nothing until ``RemoteEngineSide.start`` says so, after the worker has registered its device
+(a second worker for a device is refused before it loads anything). The child pins nothing
+itself: it inherits the parent's ``CUDA_VISIBLE_DEVICES``, loads the placed models
 (``LocalEngineSide.load``), warms them up, says ``ready`` and then serves. Both directions carry
 lists, not single items: the parent's sender thread sends every job handed in since its last
 send as one message, and the child's sender thread returns every result finished since its last
@@ -191,11 +194,11 @@ class RemoteEngineSide:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def start(self) -> None:
-        """Start the child and wait until its models are loaded and warm; a child that could not
-        load them raises its own error here (e.g. ``ModelCorruptError``)."""
-        from textnlp_jobs.inference.registry import parse_reference
-
+    def spawn(self) -> None:
+        """Start the child now, loading nothing: it imports torch and transformers (most of a
+        worker's start-up on a CPU) while the worker starts beside it, then waits for ``start``."""
+        if self._process is not None:
+            return
         context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
         parent_end, child_end = context.Pipe(duplex=True)
         self._process = context.Process(
@@ -204,6 +207,18 @@ class RemoteEngineSide:
         self._process.start()
         child_end.close()
         self._conn = parent_end
+
+    def start(self) -> None:
+        """Start the child (unless ``spawn`` did), have it load its models and wait until they are
+        loaded and warm; a child that could not load them raises its own error here (e.g.
+        ``ModelCorruptError``)."""
+        from textnlp_jobs.inference.registry import parse_reference
+
+        self.spawn()
+        parent_end = self._conn
+        assert parent_end is not None
+        with contextlib.suppress(OSError):  # a child that died importing: its exit is reported below
+            parent_end.send(("load",))
         if not parent_end.poll(self.start_timeout):
             self._process.kill()
             raise InferenceError(f"engine process for {self.device} not ready within {self.start_timeout:.0f}s")
@@ -244,6 +259,9 @@ class RemoteEngineSide:
         self._outbox.close()
         for thread in self._threads:
             thread.join(timeout)
+        if not self._threads and self._process is not None:
+            # Spawned, never started: it holds no model yet, and may still be importing for seconds.
+            self._process.kill()
         if self._process is not None:
             self._process.join(timeout)
             if self._process.is_alive():
@@ -313,6 +331,12 @@ def serve(conn: Connection, device: str, references: list[str], torch_threads: i
     from textnlp_jobs.settings import get_settings
 
     settings = get_settings()
+    _import_ahead()
+    try:
+        if conn.recv()[0] != "load":
+            return
+    except (EOFError, OSError):  # the worker stopped (or was refused) before it needed us
+        return
     try:
         side = _load(settings, device, references, torch_threads)
     except BaseException as error:
@@ -356,6 +380,16 @@ def serve(conn: Connection, device: str, references: list[str], torch_threads: i
     results.close()
     sender.join(30)
     conn.close()
+
+
+def _import_ahead() -> None:
+    """What loading any model imports, and takes seconds to (torch, and transformers' modelling and
+    generation code), imported while the worker registers its device; a model's own modelling
+    module is small beside them. A failure here is left for ``_load`` to report as its own."""
+    with contextlib.suppress(Exception):
+        import torch  # noqa: F401
+        import transformers.generation.utils
+        import transformers.modeling_utils  # noqa: F401
 
 
 def _load(settings: Any, device: str, references: list[str], torch_threads: int | None) -> Any:
