@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import multiprocessing
 import os
@@ -386,10 +387,9 @@ def _import_ahead() -> None:
     """What loading any model imports, and takes seconds to (torch, and transformers' modelling and
     generation code), imported while the worker registers its device; a model's own modelling
     module is small beside them. A failure here is left for ``_load`` to report as its own."""
-    with contextlib.suppress(Exception):
-        import torch  # noqa: F401
-        import transformers.generation.utils
-        import transformers.modeling_utils  # noqa: F401
+    for module in ("torch", "transformers.modeling_utils", "transformers.generation.utils"):
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
 
 
 def _load(settings: Any, device: str, references: list[str], torch_threads: int | None) -> Any:
